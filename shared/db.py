@@ -1,0 +1,140 @@
+"""MySQL access: one aiomysql pool, UTC sessions, and connection loss mapped to one error type."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomysql
+import pymysql
+import structlog
+
+from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+Row = dict[str, Any]
+# Client error codes that mean "the server went away", not "your SQL is wrong".
+_CONNECTION_LOST = {2003, 2006, 2013, 2014, 2055, 1927, 1053}
+
+
+class DatabaseUnavailable(Exception):
+    """MySQL cannot be reached right now; the caller answers 503 or retries later."""
+
+
+def utcnow() -> datetime:
+    """Naive UTC, the form every DATETIME column holds (sessions run with time_zone '+00:00')."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, pymysql.err.OperationalError | pymysql.err.InterfaceError):
+        code = exc.args[0] if exc.args else None
+        return code in _CONNECTION_LOST or isinstance(exc, pymysql.err.InterfaceError)
+    return isinstance(exc, ConnectionError | OSError)
+
+
+def connect_kwargs(settings: Settings, *, database: bool = True) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "host": settings.MYSQL_HOST,
+        "port": settings.MYSQL_PORT,
+        "user": settings.MYSQL_USER,
+        "password": settings.MYSQL_PASS.get_secret_value(),
+        "charset": "utf8mb4",
+        "init_command": "SET time_zone = '+00:00'",
+        "connect_timeout": 5,
+    }
+    if database:
+        kwargs["db"] = settings.MYSQL_DB
+    return kwargs
+
+
+class Database:
+    """A thin wrapper over the pool so every caller handles connection loss the same way."""
+
+    def __init__(self, pool: aiomysql.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> Database:
+        try:
+            pool = await aiomysql.create_pool(
+                minsize=1,
+                maxsize=settings.MYSQL_POOL_SIZE,
+                autocommit=True,
+                pool_recycle=300,
+                cursorclass=aiomysql.DictCursor,
+                **connect_kwargs(settings),
+            )
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise DatabaseUnavailable(str(exc)) from exc
+            raise
+        return cls(pool)
+
+    async def close(self) -> None:
+        self._pool.close()
+        await self._pool.wait_closed()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[aiomysql.Connection]:
+        try:
+            conn = await self._pool.acquire()
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise DatabaseUnavailable(str(exc)) from exc
+            raise
+        try:
+            yield conn
+        except Exception as exc:
+            if _is_connection_error(exc):
+                # Drop this connection and every idle one: after a server restart they are all
+                # dead, and the next caller should get a fresh one rather than the same error.
+                conn.close()
+                await self._pool.clear()
+                raise DatabaseUnavailable(str(exc)) from exc
+            raise
+        finally:
+            self._pool.release(conn)
+
+    @asynccontextmanager
+    async def cursor(self) -> AsyncIterator[aiomysql.DictCursor]:
+        """A cursor in autocommit mode: each statement commits on its own."""
+        async with self._connection() as conn, conn.cursor() as cur:
+            yield cur
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiomysql.DictCursor]:
+        """A cursor inside one transaction, committed on success and rolled back on error."""
+        async with self._connection() as conn:
+            await conn.begin()
+            try:
+                async with conn.cursor() as cur:
+                    yield cur
+                await conn.commit()
+            except BaseException:
+                if not conn.closed:
+                    await conn.rollback()
+                raise
+
+    async def fetchone(self, sql: str, args: Sequence[Any] | None = None) -> Row | None:
+        async with self.cursor() as cur:
+            await cur.execute(sql, args)
+            row: Row | None = await cur.fetchone()
+            return row
+
+    async def fetchall(self, sql: str, args: Sequence[Any] | None = None) -> list[Row]:
+        async with self.cursor() as cur:
+            await cur.execute(sql, args)
+            return list(await cur.fetchall())
+
+    async def execute(self, sql: str, args: Sequence[Any] | None = None) -> int:
+        """Run one statement; returns the affected row count."""
+        async with self.cursor() as cur:
+            count: int = await cur.execute(sql, args)
+            return count
+
+    async def ping(self) -> None:
+        await self.fetchone("SELECT 1")

@@ -1,0 +1,117 @@
+"""A very small migration runner.
+
+Why not Alembic or yoyo: both need SQLAlchemy or a synchronous driver beside aiomysql, and all
+this service needs is "apply numbered SQL files once, in order, recorded". Files live in
+`shared/migrations/NNNN_name.sql`; statements are separated by a `;` at the end of a line. MySQL
+DDL commits implicitly, so each file is written to be safe to re-run (IF NOT EXISTS), and a
+named lock keeps two starting processes from applying the same file at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import aiomysql
+import structlog
+
+from shared.db import connect_kwargs
+from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_LOCK_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    def statements(self) -> list[str]:
+        parts = re.split(r";\s*$", self.sql, flags=re.MULTILINE)
+        return [p.strip() for p in parts if p.strip() and not _only_comments(p)]
+
+
+def _only_comments(chunk: str) -> bool:
+    return all(not line.strip() or line.strip().startswith("--") for line in chunk.splitlines())
+
+
+def load_migrations() -> list[Migration]:
+    folder = resources.files("shared") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        match = _FILE.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(versions) != len(set(versions)):
+        raise RuntimeError(f"duplicate migration numbers in {versions}")
+    return found
+
+
+async def _create_database(settings: Settings) -> None:
+    conn = await aiomysql.connect(**connect_kwargs(settings, database=False))
+    try:
+        async with conn.cursor() as cur:
+            name = settings.MYSQL_DB.replace("`", "``")
+            await cur.execute(
+                f"CREATE DATABASE IF NOT EXISTS `{name}` "
+                "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+            )
+    finally:
+        conn.close()
+
+
+async def migrate(settings: Settings) -> list[str]:
+    """Create the database if missing and apply pending migrations; returns the names applied."""
+    await _create_database(settings)
+    conn = await aiomysql.connect(autocommit=True, **connect_kwargs(settings))
+    applied: list[str] = []
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT GET_LOCK('queue_server_migrate', %s)", (_LOCK_TIMEOUT_S,))
+            (got,) = await cur.fetchone()
+            if got != 1:
+                raise RuntimeError("another process holds the migration lock")
+            try:
+                applied = await _apply_pending(cur)
+            finally:
+                await cur.execute("DO RELEASE_LOCK('queue_server_migrate')")
+    finally:
+        conn.close()
+    return applied
+
+
+async def _apply_pending(cur: aiomysql.Cursor) -> list[str]:
+    await cur.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INT PRIMARY KEY, name VARCHAR(255) NOT NULL, checksum CHAR(64) NOT NULL,"
+        " applied_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3))"
+    )
+    await cur.execute("SELECT version, checksum FROM schema_migrations")
+    done = {int(v): c for v, c in await cur.fetchall()}
+    applied = []
+    for migration in load_migrations():
+        if migration.version in done:
+            if done[migration.version] != migration.checksum:
+                log.warning("migration.changed_after_apply", name=migration.name)
+            continue
+        for statement in migration.statements():
+            await cur.execute(statement)
+        await cur.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+            (migration.version, migration.name, migration.checksum),
+        )
+        log.info("migration.applied", name=migration.name)
+        applied.append(migration.name)
+    return applied
