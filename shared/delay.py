@@ -1,0 +1,255 @@
+"""Timers on stock RabbitMQ: a cascade of fixed-TTL dead-letter levels.
+
+This is the NServiceBus "v2" delayed-delivery design. Level ``L`` is a durable topic
+exchange and a quorum queue, both named ``{prefix}.{L:02d}``; the queue holds every
+message for exactly ``unit_ms * 2**L`` and then dead-letters it to the exchange of level
+``L - 1`` (level 0 dead-letters to ``{prefix}.deliver``). The routing key spells the delay
+in units as ``levels`` binary digits, most significant first, followed by the destination::
+
+    0.0.0.1.0.1.email   # 5 units for destination "email" in a 6-level cascade
+
+Each exchange looks at "its" digit: ``1`` parks the message in its queue, ``0`` passes it
+straight down to the next exchange. So a message spends ``2**L`` units in every level whose
+bit is set and the sum is the delay. Every message in one queue has the same TTL, so FIFO
+order is expiry order and nothing waits behind a longer timer (per-message TTL would only
+expire messages at the queue head).
+
+Publish with :class:`DelayPublisher`; consumers of a destination queue follow the rule in
+:func:`remaining_ms`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import aiormq.abc
+from aio_pika.exceptions import PublishError
+
+__all__ = [
+    "MAX_TTL_MS",
+    "Cascade",
+    "DelayPublisher",
+    "declare_cascade",
+    "remaining_ms",
+    "strip_death_headers",
+]
+
+MAX_TTL_MS = 315_360_000_000
+"""RabbitMQ (3.10.2+, ``rabbit_misc:check_expiry``) rejects any TTL above 10 years."""
+
+_TOPIC = aio_pika.ExchangeType.TOPIC
+_DEATH_PREFIXES = ("x-first-death-", "x-last-death-")
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """Names, routing keys and sizes of one delay cascade.
+
+    ``levels`` levels of ``unit_ms * 2**L`` each give delays from 0 to
+    ``max_units = 2**levels - 1`` units in one pass; the defaults (28 levels of seconds)
+    reach about 8.5 years.
+    """
+
+    prefix: str = "qs.delay"
+    levels: int = 28
+    unit_ms: int = 1000
+
+    def __post_init__(self) -> None:
+        if not self.prefix:
+            raise ValueError("prefix must not be empty")
+        if self.levels < 1 or self.unit_ms < 1:
+            raise ValueError("levels and unit_ms must be positive")
+        if self.ttl_ms(self.levels - 1) > MAX_TTL_MS:
+            # The broker would refuse to declare the top queue; fail before touching it.
+            raise ValueError(
+                f"top level TTL {self.ttl_ms(self.levels - 1)} ms exceeds RabbitMQ's "
+                f"limit of {MAX_TTL_MS} ms"
+            )
+
+    @property
+    def max_units(self) -> int:
+        """The longest delay one pass through the cascade can express, in units."""
+        return (1 << self.levels) - 1
+
+    @property
+    def max_ms(self) -> int:
+        """The longest delay of one pass, in milliseconds."""
+        return self.max_units * self.unit_ms
+
+    @property
+    def delivery_exchange(self) -> str:
+        """The exchange every delayed message leaves the cascade through."""
+        return f"{self.prefix}.deliver"
+
+    def level_name(self, level: int) -> str:
+        """Name of both the exchange and the queue of ``level``."""
+        return f"{self.prefix}.{level:02d}"
+
+    def ttl_ms(self, level: int) -> int:
+        """How long the queue of ``level`` holds each message."""
+        return self.unit_ms * (1 << level)
+
+    def units_for(self, delay_ms: float) -> int:
+        """Whole units for ``delay_ms``: rounded up (never early), clamped to one pass.
+
+        Negative or NaN delays mean "now" (0).
+        """
+        if not delay_ms > 0:  # also catches NaN
+            return 0
+        if delay_ms >= self.max_ms:  # also catches inf, which math.ceil refuses
+            return self.max_units
+        return min(math.ceil(delay_ms / self.unit_ms), self.max_units)
+
+    def routing_key(self, units: int, destination: str) -> str:
+        """The bits of ``units`` (most significant first, dot-separated), then destination."""
+        self._check_units(units)
+        _check_destination(destination)
+        return ".".join([*f"{units:0{self.levels}b}", destination])
+
+    def entry_exchange(self, units: int) -> str:
+        """Where to publish a delay of ``units``: the level of its highest set bit.
+
+        Entering lower than the top skips levels whose bit is 0 anyway; each
+        exchange-to-exchange hop costs broker CPU. Zero goes straight to delivery.
+        """
+        self._check_units(units)
+        if units == 0:
+            return self.delivery_exchange
+        return self.level_name(units.bit_length() - 1)
+
+    def _check_units(self, units: int) -> None:
+        if not 0 <= units <= self.max_units:
+            raise ValueError(f"units must be in [0, {self.max_units}], got {units}")
+
+
+def _digit_pattern(cascade: Cascade, level: int, digit: str) -> str:
+    # Skip the digits of the levels above, match this level's digit, then anything.
+    return "*." * (cascade.levels - 1 - level) + f"{digit}.#"
+
+
+def _check_destination(destination: str) -> None:
+    # A dot would shift the bits, and * or # would turn its binding into a wildcard.
+    if not destination or any(c in destination for c in ".*#"):
+        raise ValueError(f"invalid destination name {destination!r}")
+
+
+async def declare_cascade(
+    channel: aio_pika.abc.AbstractChannel,
+    cascade: Cascade,
+    destinations: Mapping[str, str],
+) -> None:
+    """Declare every level and bind each destination name to its (existing) queue.
+
+    Idempotent. Destination queues must be declared by the caller first and never be
+    deleted while timers may be in flight: a message reaching the delivery exchange with no
+    matching binding is lost (NServiceBus.RabbitMQ #367, #1407).
+    """
+    deliver = await channel.declare_exchange(cascade.delivery_exchange, _TOPIC, durable=True)
+    lower = deliver
+    for level in range(cascade.levels):
+        name = cascade.level_name(level)
+        exchange = await channel.declare_exchange(name, _TOPIC, durable=True)
+        queue = await channel.declare_queue(
+            name,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                # At-least-once dead-lettering needs all of: this strategy, reject-publish
+                # overflow and a dead-letter exchange; otherwise the broker silently falls
+                # back to at-most-once.
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+                "x-message-ttl": cascade.ttl_ms(level),
+                "x-dead-letter-exchange": lower.name,
+            },
+        )
+        await queue.bind(exchange, _digit_pattern(cascade, level, "1"))
+        await lower.bind(exchange, _digit_pattern(cascade, level, "0"))
+        lower = exchange
+    for destination, queue_name in destinations.items():
+        _check_destination(destination)
+        queue = await channel.get_queue(queue_name, ensure=True)
+        await queue.bind(deliver, f"#.{destination}")
+
+
+class DelayPublisher:
+    """Publishes messages into a declared cascade, confirmed, safe for concurrent use.
+
+    ``channel`` must have publisher confirms on (aio-pika's default), so that
+    :meth:`publish` returns only once the broker has taken responsibility.
+    """
+
+    def __init__(self, channel: aio_pika.abc.AbstractChannel, cascade: Cascade) -> None:
+        if not channel.publisher_confirms:
+            # Without confirms a publish "succeeds" even if the broker never took the timer.
+            raise ValueError("DelayPublisher needs a channel with publisher confirms")
+        self.channel = channel
+        self.cascade = cascade
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+
+    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            # ensure=False: no round trip per name; declare_cascade made them exist.
+            exchange = await self.channel.get_exchange(name, ensure=False)
+            self._exchanges[name] = exchange
+        return exchange
+
+    async def publish(self, message: aio_pika.Message, delay_ms: float, destination: str) -> None:
+        """Deliver ``message`` to ``destination`` after at least ``delay_ms`` (whole units).
+
+        A delay longer than one pass is sent for ``max_units``; the consumer re-publishes the
+        remainder (see :func:`remaining_ms`), so carry the due time in the message.
+        The caller's message is not modified. Raises
+        :class:`aio_pika.exceptions.DeliveryError` if the broker refuses it (e.g. a level
+        is full) and :class:`aio_pika.exceptions.PublishError` if it is unroutable.
+        """
+        units = self.cascade.units_for(delay_ms)
+        routing_key = self.cascade.routing_key(units, destination)
+        outgoing = copy.copy(message)
+        outgoing.delivery_mode = aio_pika.DeliveryMode.PERSISTENT
+        # A per-message TTL shorter than a level's would release the message early.
+        outgoing.expiration = None
+        # A re-published message still carrying x-death would be dropped by the broker's
+        # dead-letter cycle detection when it re-enters a level it already passed.
+        outgoing.headers = strip_death_headers(message.headers)
+        exchange = await self._exchange(self.cascade.entry_exchange(units))
+        result = await exchange.publish(outgoing, routing_key, mandatory=True)
+        if isinstance(result, aiormq.abc.DeliveredMessage):
+            # Returned as unroutable: only possible when no cascade or destination binding.
+            raise PublishError(result, result.delivery)
+
+
+def strip_death_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``headers`` without ``x-death``, ``x-first-death-*``, ``x-last-death-*``.
+
+    RabbitMQ drops a message that is dead-lettered into a queue its ``x-death`` says it
+    already left by expiry (cycle detection, celery#9867), so strip them before a message
+    that went through the cascade enters it again.
+    """
+    if not headers:
+        return {}
+    return {
+        key: value
+        for key, value in headers.items()
+        if key != "x-death" and not key.startswith(_DEATH_PREFIXES)
+    }
+
+
+def remaining_ms(due_at_ms: int, now_ms: int) -> int:
+    """Milliseconds until ``due_at_ms`` (never negative).
+
+    The consumer's rule when a delayed message arrives at its destination: compute the
+    remaining time from the due time the message carries. If it is more than one unit (a
+    delay longer than one pass, or clock skew), re-publish the message for the remainder
+    through :class:`DelayPublisher` with :func:`strip_death_headers` applied; otherwise
+    act now, or hold the sub-unit remainder in memory briefly (less than one unit, so far
+    below the broker's consumer timeout).
+    """
+    return max(0, due_at_ms - now_ms)
