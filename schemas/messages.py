@@ -1,0 +1,60 @@
+"""Broker messages: small versioned commands that carry ids and due times, never payload data.
+
+MySQL is the source of truth; a consumer re-reads the row a command names. The AMQP properties
+carry `message_id`, `type` (the command's TYPE), `content_type` and the schema version header.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Command(BaseModel):
+    """Base of every broker command. `destination` names the queue that consumes it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    TYPE: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    DESTINATION: ClassVar[str]
+
+    # How many times this command has been retried after a transient failure.
+    attempt: int = 0
+
+
+class ExpireTask(Command):
+    TYPE: ClassVar[str] = "task.expire"
+    DESTINATION: ClassVar[str] = "expiry"
+
+    task_id: str
+    due_at_ms: int
+
+
+class DeliverCallback(Command):
+    TYPE: ClassVar[str] = "callback.deliver"
+    DESTINATION: ClassVar[str] = "callbacks"
+
+    event_id: str
+
+
+class SendEmail(Command):
+    """Published to `email-promotional` instead for PROMOTIONAL mail (see shared.broker)."""
+
+    TYPE: ClassVar[str] = "email.send"
+    DESTINATION: ClassVar[str] = "email-transactional"
+
+    email_id: str
+
+
+class ProcessSesEvent(Command):
+    TYPE: ClassVar[str] = "ses.event"
+    DESTINATION: ClassVar[str] = "ses-events"
+
+    sns_message_id: str
+
+
+COMMANDS: dict[str, type[Command]] = {
+    c.TYPE: c for c in (ExpireTask, DeliverCallback, SendEmail, ProcessSesEvent)
+}
