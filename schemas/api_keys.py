@@ -1,0 +1,71 @@
+"""HTTP bodies of the API-key routes (contract section "API Keys")."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal, Self
+
+from pydantic import AnyHttpUrl, Field, field_serializer, model_validator
+
+from schemas.common import Body, Ok
+
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+
+
+def iso_utc(value: datetime | None) -> str | None:
+    """Naive-UTC database times as the contract prints them: `2024-10-07T18:13:03.000Z`."""
+    if value is None:
+        return None
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+class CreateKey(Body):
+    api_name: str = Field(pattern=KEY_NAME_PATTERN, description="Unique name of the key")
+    return_api: AnyHttpUrl = Field(description="Where this key's callbacks are POSTed")
+    temporary: bool = False
+    duration: str | None = Field(
+        default=None, max_length=10, description="Lifetime when temporary: 30m, 4h, 4d, 2M, 1y"
+    )
+
+    @model_validator(mode="after")
+    def _duration_when_temporary(self) -> Self:
+        if self.temporary and not self.duration:
+            raise ValueError("duration is required when temporary is true")
+        if len(str(self.return_api)) > 2048:
+            raise ValueError("return_api must be at most 2048 characters")
+        return self
+
+
+class CreatedKey(Ok):
+    api_name: str
+    api_key: str = Field(description="Shown once; only a hash is stored")
+    return_api: str
+    expire_date: datetime | None
+    webhook_secret: str = Field(description="Standard Webhooks secret; shown once")
+
+    @field_serializer("expire_date")
+    def _iso(self, value: datetime | None) -> str | None:
+        return iso_utc(value)
+
+
+class DeleteKey(Body):
+    api_name: str | None = Field(default=None, max_length=100)
+    api_key: str | None = Field(default=None, max_length=200)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if bool(self.api_name) == bool(self.api_key):
+            raise ValueError("give either api_name or api_key")
+        return self
+
+
+class VerifyToken(Body):
+    token: str = Field(min_length=1, max_length=8192)
+
+
+class VerifiedToken(Ok):
+    payload: dict[str, Any]
+
+
+class Pong(Ok):
+    message: Literal["pong"] = "pong"

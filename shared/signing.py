@@ -1,0 +1,56 @@
+"""How callbacks prove where they come from: a JWT (compatible with the original) bound to the body.
+
+The original signed a bearer JWT with SALT (HS256). Ours adds the standard claims and a SHA-256 of
+the exact body, so a captured token cannot be replayed with another body or after it expires.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import jwt
+
+ISSUER = "queue-server"
+ALGORITHM = "HS256"
+
+
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def callback_token(
+    *,
+    salt: str,
+    exp_hours: float,
+    key_name: str,
+    event_id: str,
+    body: bytes,
+    now: float | None = None,
+) -> str:
+    """The bearer token for one callback delivery attempt."""
+    issued = int(now if now is not None else time.time())
+    claims = {
+        "iss": ISSUER,
+        "sub": key_name,
+        "iat": issued,
+        "exp": issued + int(exp_hours * 3600),
+        "jti": event_id,
+        "body_sha256": body_digest(body),
+    }
+    return jwt.encode(claims, salt, algorithm=ALGORITHM)
+
+
+def verify_callback_token(salt: str, token: str, *, body: bytes | None = None) -> dict[str, Any]:
+    """Claims of a valid token; raises jwt.InvalidTokenError otherwise (also on a body mismatch)."""
+    claims: dict[str, Any] = jwt.decode(
+        token,
+        salt,
+        algorithms=[ALGORITHM],
+        issuer=ISSUER,
+        options={"require": ["exp", "iat", "iss", "sub", "jti", "body_sha256"]},
+    )
+    if body is not None and claims["body_sha256"] != body_digest(body):
+        raise jwt.InvalidTokenError("token was issued for another body")
+    return claims
