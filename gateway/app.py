@@ -1,0 +1,63 @@
+"""The aiohttp application: one cleanup_ctx per resource, then the routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from aiohttp import web
+
+from gateway.app_keys import BROKER, DB, ENDPOINTS, KEY_CACHE, SETTINGS
+from gateway.auth import KeyCache
+from gateway.endpoints import install
+from gateway.middleware import access_log, auth, errors
+from gateway.routes import ENDPOINTS as ALL_ENDPOINTS
+from shared.resources import open_broker, open_database
+from shared.settings import Settings
+from workers.runner import running
+from workers.runtime import Context
+
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+# Room for multipart framing on top of MAX_UPLOAD_SIZE's payload.
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    async with open_database(app[SETTINGS]) as db:
+        app[DB] = db
+        yield
+
+
+def _broker(setup: bool) -> CleanupCtx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        async with open_broker(app[SETTINGS], setup=setup) as broker:
+            app[BROKER] = broker
+            yield
+
+    return ctx
+
+
+def _workers(names: Sequence[str]) -> CleanupCtx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        async with running(Context(app[SETTINGS], app[DB], app[BROKER]), names):
+            yield
+
+    return ctx
+
+
+def create_app(
+    settings: Settings, *, setup_broker: bool = True, workers: Sequence[str] = ()
+) -> web.Application:
+    """The gateway; with `workers`, those workers run in this process too (`queue-server run`)."""
+    app = web.Application(
+        middlewares=[access_log, errors, auth],
+        client_max_size=settings.max_upload_bytes + _MULTIPART_OVERHEAD,
+    )
+    app[SETTINGS] = settings
+    app[KEY_CACHE] = KeyCache(settings.KEY_CACHE_SECONDS)
+    app[ENDPOINTS] = ALL_ENDPOINTS
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_broker(setup_broker))
+    if workers:
+        app.cleanup_ctx.append(_workers(workers))
+    install(app, ALL_ENDPOINTS)
+    return app

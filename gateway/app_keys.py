@@ -1,0 +1,16 @@
+"""Typed application keys: the only way handlers reach shared resources."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.auth import KeyCache
+from shared.broker import Broker
+from shared.db import Database
+from shared.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+DB = web.AppKey("db", Database)
+BROKER = web.AppKey("broker", Broker)
+KEY_CACHE = web.AppKey("key_cache", KeyCache)
+ENDPOINTS = web.AppKey("endpoints", list)

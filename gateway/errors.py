@@ -1,0 +1,33 @@
+"""Every failure answers `{valid: false, msg, code}` (the original's shape) with a real status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from schemas.common import ErrorBody
+
+
+class ApiError(Exception):
+    """Raised by handlers; the error middleware turns it into a JSON response."""
+
+    def __init__(self, status: int, msg: str, code: str, **extra: Any) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.msg = msg
+        self.code = code
+        self.extra = extra
+
+
+def error_response(status: int, msg: str, code: str, **extra: Any) -> web.Response:
+    body = ErrorBody(msg=msg, code=code).model_dump() | extra
+    return web.json_response(body, status=status)
+
+
+def bad_request(msg: str, code: str = "BAD_REQUEST") -> ApiError:
+    return ApiError(400, msg, code)
+
+
+def not_found(msg: str, code: str = "NOT_FOUND", **extra: Any) -> ApiError:
+    return ApiError(404, msg, code, **extra)

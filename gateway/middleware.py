@@ -1,0 +1,107 @@
+"""Middlewares: JSON errors always, bearer auth by endpoint role, one log line per request."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from gateway.app_keys import DB, KEY_CACHE, SETTINGS
+from gateway.auth import PRINCIPAL, Role, allowed, authenticate, bearer_token
+from gateway.endpoints import endpoint_of
+from gateway.errors import ApiError, error_response
+from shared import metrics
+from shared.broker import BrokerUnavailable
+from shared.db import DatabaseUnavailable
+
+log = structlog.get_logger("gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every exception into the contract's `{valid: false, msg, code}` with a real status."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.msg, exc.code, **exc.extra)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, f"HTTP_{exc.status}")
+        return error_response(exc.status, exc.reason, code)
+    except (DatabaseUnavailable, BrokerUnavailable) as exc:
+        log.warning("dependency.unavailable", error=str(exc))
+        response = error_response(503, "service temporarily unavailable", "UNAVAILABLE")
+        response.headers["Retry-After"] = "1"
+        return response
+    except Exception:
+        log.exception("request.failed")
+        return error_response(500, "internal error", "INTERNAL")
+
+
+@web.middleware
+async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Resolve the bearer token and enforce the endpoint's role (401 unknown, 403 wrong kind)."""
+    endpoint = endpoint_of(request)
+    role = endpoint.role if endpoint else Role.NONE
+    if role is Role.NONE:
+        return await handler(request)
+    token = bearer_token(request)
+    principal = None
+    if token is not None:
+        principal = await authenticate(
+            token,
+            admin_key=request.app[SETTINGS].ADMIN_API_KEY.get_secret_value(),
+            db=request.app[DB],
+            cache=request.app[KEY_CACHE],
+        )
+    if principal is None:
+        raise ApiError(401, "missing, unknown, expired or deleted API key", "UNAUTHORIZED")
+    if not allowed(role, principal):
+        who = "the admin key" if role is Role.ADMIN else "a client API key"
+        raise ApiError(403, f"this route needs {who}", "FORBIDDEN")
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+@web.middleware
+async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One structured line and two metrics per request; binds a request id for the handler."""
+    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-Id"] = request_id
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        metrics.HTTP_REQUESTS.labels(request.method, name, str(status)).inc()
+        metrics.HTTP_LATENCY.labels(name).observe(elapsed)
+        log.info(
+            "http.request",
+            method=request.method,
+            route=name,
+            status=status,
+            ms=round(elapsed * 1000, 2),
+        )
+        structlog.contextvars.unbind_contextvars("request_id")

@@ -1,0 +1,107 @@
+"""The OpenAPI 3.1 document, generated from the endpoint table (pydantic JSON Schema)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from gateway.auth import Role
+from gateway.endpoints import Endpoint
+from schemas.common import ErrorBody
+
+_REF = "#/components/schemas/{model}"
+_STATUS_TEXT = {
+    400: "Bad request",
+    401: "Missing or unknown key",
+    403: "Wrong kind of key",
+    404: "Not found",
+    409: "Conflict",
+    413: "Too large",
+    415: "Unsupported media type",
+    422: "Validation failed",
+    503: "A dependency is unavailable",
+}
+
+
+def _schema(model: type[BaseModel], components: dict[str, Any], mode: str) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template=_REF, mode=mode)  # type: ignore[arg-type]
+    for name, definition in schema.pop("$defs", {}).items():
+        components[name] = definition
+    components[model.__name__] = schema
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _error(status: int) -> dict[str, Any]:
+    return {
+        "description": _STATUS_TEXT.get(status, "Error"),
+        "content": {"application/json": {"schema": {"$ref": _REF.format(model="ErrorBody")}}},
+    }
+
+
+def _operation(endpoint: Endpoint, components: dict[str, Any]) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": endpoint.summary,
+        "tags": [endpoint.tag],
+        "operationId": endpoint.handler.__name__,
+    }
+    if endpoint.role is not Role.NONE:
+        op["security"] = [{"bearer": []}]
+    if endpoint.body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": _schema(endpoint.body, components, "validation")}
+            },
+        }
+    if endpoint.form is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": _schema(endpoint.form, components, "validation")}
+            },
+        }
+    if endpoint.query:
+        op["parameters"] = [
+            {
+                "name": n,
+                "in": "query",
+                "required": False,
+                "description": d,
+                "schema": {"type": "string"},
+            }
+            for n, d in endpoint.query.items()
+        ]
+    ok: dict[str, Any] = {"description": "Success"}
+    if endpoint.response is not None:
+        ok["content"] = {
+            endpoint.produces: {"schema": _schema(endpoint.response, components, "serialization")}
+        }
+    elif endpoint.produces != "application/json":
+        ok["content"] = {endpoint.produces: {"schema": {"type": "string"}}}
+    statuses = set(endpoint.errors)
+    if endpoint.body is not None or endpoint.form is not None:
+        statuses |= {400, 413, 415, 422}
+    if endpoint.role is not Role.NONE:
+        statuses |= {401, 403}
+    op["responses"] = {"200": ok} | {str(s): _error(s) for s in sorted(statuses | {503})}
+    return op
+
+
+def build_document(endpoints: list[Endpoint], *, title: str, version: str) -> dict[str, Any]:
+    components: dict[str, Any] = {}
+    _schema(ErrorBody, components, "serialization")
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints:
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(
+            endpoint, components
+        )
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

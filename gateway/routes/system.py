@@ -1,0 +1,112 @@
+"""Liveness, readiness, metrics and the API's own documentation."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from gateway.app_keys import BROKER, DB, ENDPOINTS, SETTINGS
+from gateway.auth import Role
+from gateway.endpoints import Endpoint, EndpointTable
+from gateway.openapi import build_document
+from schemas.api_keys import Pong
+from schemas.common import Ok
+from shared import metrics
+
+table = EndpointTable()
+READY_TIMEOUT_S = 2.0
+
+
+class Readiness(BaseModel):
+    valid: bool
+    mysql: bool
+    rabbitmq: bool
+
+
+@table.route("GET", "/server/ping", role=Role.NONE, response=Pong, summary="Liveness", tag="System")
+async def ping(request: web.Request, _: None) -> Pong:
+    return Pong()
+
+
+@table.route("GET", "/healthz", role=Role.NONE, response=Ok, summary="Process is up", tag="System")
+async def healthz(request: web.Request, _: None) -> Ok:
+    return Ok()
+
+
+async def _mysql_ok(request: web.Request) -> bool:
+    try:
+        await asyncio.wait_for(request.app[DB].ping(), READY_TIMEOUT_S)
+    except Exception:
+        return False
+    return True
+
+
+@table.route(
+    "GET",
+    "/readyz",
+    role=Role.NONE,
+    response=Readiness,
+    errors=(503,),
+    summary="MySQL and RabbitMQ are reachable (503 otherwise)",
+    tag="System",
+)
+async def readyz(request: web.Request, _: None) -> web.Response:
+    mysql_ok = await _mysql_ok(request)
+    rabbit_ok = request.app[BROKER].is_ready()
+    metrics.DEPENDENCY_UP.labels("mysql").set(int(mysql_ok))
+    metrics.DEPENDENCY_UP.labels("rabbitmq").set(int(rabbit_ok))
+    body = Readiness(valid=mysql_ok and rabbit_ok, mysql=mysql_ok, rabbitmq=rabbit_ok)
+    return web.json_response(body.model_dump(), status=200 if body.valid else 503)
+
+
+@table.route(
+    "GET",
+    "/metrics",
+    role=Role.NONE,
+    produces="text/plain",
+    summary="Prometheus metrics",
+    tag="System",
+)
+async def prometheus(request: web.Request, _: None) -> web.Response:
+    response = web.Response(body=generate_latest())
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return response
+
+
+@table.route("GET", "/openapi.json", role=Role.NONE, summary="This document", tag="System")
+async def openapi(request: web.Request, _: None) -> web.Response:
+    settings = request.app[SETTINGS]
+    return web.json_response(
+        build_document(request.app[ENDPOINTS], title=settings.APP_NAME, version="1")
+    )
+
+
+def _docs_row(endpoint: Endpoint) -> str:
+    body = endpoint.body or endpoint.form
+    fields = ", ".join(body.model_fields) if body else ""
+    return (
+        f"<tr><td><code>{endpoint.method}</code></td><td><code>{html.escape(endpoint.path)}</code>"
+        f"</td><td>{endpoint.role.value}</td><td>{html.escape(endpoint.summary)}</td>"
+        f"<td>{html.escape(fields)}</td></tr>"
+    )
+
+
+@table.route("GET", "/docs", role=Role.NONE, produces="text/html", summary="API docs", tag="System")
+async def docs(request: web.Request, _: None) -> web.Response:
+    rows = "".join(_docs_row(e) for e in request.app[ENDPOINTS])
+    page = (
+        "<!doctype html><meta charset=utf-8><title>API</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td{padding:4px 8px;"
+        "border-bottom:1px solid #ddd;vertical-align:top}</style>"
+        f"<h1>{html.escape(request.app[SETTINGS].APP_NAME)}</h1>"
+        "<p>Bearer auth: the admin key or a client API key, per the <em>auth</em> column. "
+        "Errors are <code>{valid: false, msg, code}</code>. Machine-readable: "
+        "<a href=/openapi.json>/openapi.json</a>.</p>"
+        "<table><tr><th>method</th><th>path</th><th>auth</th><th>what</th><th>body</th></tr>"
+        f"{rows}</table>"
+    )
+    return web.Response(text=page, content_type="text/html")

@@ -1,0 +1,113 @@
+"""`queue-server`: one command for every component (see README "Running")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from shared.settings import Settings
+
+
+def _load_settings() -> Settings:
+    """Settings, or exit with one clear line naming what is missing or weak."""
+    try:
+        return Settings()  # values come from the environment
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        )
+        sys.exit(f"queue-server: configuration error: {problems} (see .env.template)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from workers.registry import WORKERS
+
+    parser = argparse.ArgumentParser(
+        prog="queue-server", description="Task queue with expiry callbacks and an SES email queue."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("run", "gateway and every worker in one process (development, small installs)"),
+        ("gateway", "the HTTP gateway only"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--no-migrate", action="store_true", help="do not apply migrations at start")
+        p.add_argument(
+            "--no-setup-broker", action="store_true", help="do not declare the broker topology"
+        )
+    worker = sub.add_parser("worker", help="one or more workers, for scaling out")
+    worker.add_argument(
+        "names",
+        nargs="+",
+        metavar="NAME",
+        choices=sorted(WORKERS) or None,
+        help=f"one of: {', '.join(sorted(WORKERS)) or '(none yet)'}",
+    )
+    sub.add_parser("migrate", help="create the database if missing and apply migrations")
+    sub.add_parser("setup-broker", help="declare the RabbitMQ topology (idempotent)")
+    return parser
+
+
+async def _setup_broker(settings: Settings) -> None:
+    from shared.resources import open_broker
+
+    async with open_broker(settings, setup=True):
+        pass
+
+
+def _serve_http(
+    settings: Settings, *, migrate: bool, setup_broker: bool, with_workers: bool
+) -> None:
+    from aiohttp import web
+
+    from gateway.app import create_app
+    from shared.migrate import migrate as apply_migrations
+    from workers.registry import WORKERS
+
+    if migrate:
+        asyncio.run(apply_migrations(settings))
+    app = create_app(
+        settings, setup_broker=setup_broker, workers=sorted(WORKERS) if with_workers else ()
+    )
+    web.run_app(
+        app,
+        host=settings.HOST,
+        port=settings.PORT,
+        access_log=None,
+        shutdown_timeout=settings.SHUTDOWN_GRACE_SECONDS,
+        print=None,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    settings = _load_settings()
+    from shared.logs import configure_logging
+
+    configure_logging(settings)
+    if args.command in ("run", "gateway"):
+        _serve_http(
+            settings,
+            migrate=not args.no_migrate,
+            setup_broker=not args.no_setup_broker,
+            with_workers=args.command == "run",
+        )
+    elif args.command == "worker":
+        from workers.runner import serve_workers
+
+        asyncio.run(serve_workers(settings, args.names))
+    elif args.command == "migrate":
+        from shared.migrate import migrate as apply_migrations
+
+        applied = asyncio.run(apply_migrations(settings))
+        print(
+            f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "")
+        )
+    elif args.command == "setup-broker":
+        asyncio.run(_setup_broker(settings))
+        print("broker topology declared")

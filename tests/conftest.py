@@ -1,0 +1,117 @@
+"""Session-wide isolation: every test session gets its own MariaDB database and RabbitMQ vhost.
+
+Both are created here against the real local services and removed at the end, so parallel
+sessions (and CI on a shared machine) never see each other's rows or queues.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pymysql
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from shared.migrate import migrate
+from shared.settings import Settings
+from workers.registry import WORKERS
+
+MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
+AMQP_BASE = os.environ.get("TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return f"qs_test_{secrets.token_hex(4)}"
+
+
+@pytest.fixture(scope="session")
+def mysql_db(run_id: str) -> Iterator[str]:
+    """A fresh, empty database for the session (migrations are applied by the code under test)."""
+    yield run_id
+    conn = pymysql.connect(**MYSQL)
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{run_id}`")
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def amqp_url(run_id: str) -> Iterator[str]:
+    """A fresh vhost for the session; guest gets full rights on it."""
+    _rabbitmqctl("add_vhost", run_id)
+    _rabbitmqctl("set_permissions", "-p", run_id, "guest", ".*", ".*", ".*")
+    yield f"{AMQP_BASE}/{run_id}"
+    _rabbitmqctl("delete_vhost", run_id)
+
+
+@pytest.fixture(scope="session")
+def base_env(
+    mysql_db: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """Environment for Settings() and for subprocesses started by tests."""
+    return {
+        "ADMIN_API_KEY": "test-admin-key-" + secrets.token_hex(16),
+        "SALT": "test-salt-" + secrets.token_hex(16),
+        "MYSQL_HOST": MYSQL["host"],
+        "MYSQL_PORT": str(MYSQL["port"]),
+        "MYSQL_USER": MYSQL["user"],
+        "MYSQL_PASS": MYSQL["password"],
+        "MYSQL_DB": mysql_db,
+        "RABBITMQ_URL": amqp_url,
+        "EMAIL_TRANSPORT": "outbox",
+        "EMAIL_OUTBOX_DIR": str(tmp_path_factory.mktemp("outbox")),
+        "LOG_FORMAT": "console",
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(base_env: dict[str, str]) -> Settings:
+    return Settings(_env_file=None, **base_env)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+async def migrated(settings: Settings) -> Settings:
+    await migrate(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+async def client(migrated: Settings) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    """The whole service in this process (gateway plus every worker), like `queue-server run`."""
+    app = create_app(migrated, workers=sorted(WORKERS))
+    async with TestServer(app) as server, TestClient(server) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def admin(settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings.ADMIN_API_KEY.get_secret_value()}"}
+
+
+KeyFactory = Callable[..., Awaitable[dict[str, Any]]]
+
+
+@pytest.fixture(scope="session")
+def make_key(client: TestClient[web.Request, web.Application], admin: dict[str, str]) -> KeyFactory:
+    """Create a client key through the API; returns the create response plus auth headers."""
+
+    async def make(return_api: str = "http://127.0.0.1:9/unused", **extra: Any) -> dict[str, Any]:
+        body = {"api_name": f"key-{secrets.token_hex(6)}", "return_api": return_api, **extra}
+        resp = await client.post("/server/api/create", json=body, headers=admin)
+        assert resp.status == 200, await resp.text()
+        created: dict[str, Any] = await resp.json()
+        created["headers"] = {"Authorization": f"Bearer {created['api_key']}"}
+        return created
+
+    return make

@@ -1,0 +1,1 @@
+"""Consumer services, one per concern; each is runnable alone (`queue-server worker NAME`)."""

@@ -1,0 +1,160 @@
+"""The one AMQP consumer loop every queue worker uses: decode, handle, settle, never hot-loop.
+
+Handlers are plain async functions of a command. Their outcome decides the message's fate:
+return -> ack; `Retry` -> re-published through the delay cascade, then ack; `Reject` -> parked
+in the dead-letter queue; an unexpected error -> retried with backoff a bounded number of
+times, then parked. Every message may arrive twice, so handlers make their state changes
+conditional (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from schemas.messages import Command
+from shared import metrics
+from shared.broker import WORK_QUEUES, BrokerUnavailable, decode
+from shared.db import DatabaseUnavailable
+from workers.runtime import Context
+
+log = structlog.get_logger("worker")
+
+MAX_UNEXPECTED_ATTEMPTS = 8
+# While MySQL or the broker is down, wait this long before handing a message back.
+OUTAGE_BACKOFF_S = 1.0
+
+
+class Retry(Exception):
+    """Try this command again after `delay_ms` (through the cascade, not a sleep)."""
+
+    def __init__(self, delay_ms: float, reason: str = "") -> None:
+        super().__init__(reason)
+        self.delay_ms = delay_ms
+
+
+class Reject(Exception):
+    """This command can never succeed; park it in the dead-letter queue."""
+
+
+def backoff_ms(attempt: int, *, base_ms: float = 1000, cap_ms: float = 300_000) -> float:
+    """Exponential backoff with ±20% jitter, so a burst of failures does not retry in lockstep."""
+    delay: float = min(cap_ms, base_ms * 2.0 ** max(attempt, 0))
+    return delay * random.uniform(0.8, 1.2)
+
+
+CommandHandler = Callable[[Command], Awaitable[None]]
+
+
+class QueueConsumer:
+    """Consumes one work queue with bounded concurrency (prefetch) and drains on stop."""
+
+    def __init__(
+        self, ctx: Context, *, name: str, destination: str, handle: CommandHandler, prefetch: int
+    ) -> None:
+        self.name = name
+        self._ctx = ctx
+        self._destination = destination
+        self._handle = handle
+        self._prefetch = prefetch
+        self._channel: AbstractChannel | None = None
+        self._tag: str | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._channel = await self._ctx.broker.connection.channel()
+        await self._channel.set_qos(prefetch_count=self._prefetch)
+        queue = await self._channel.get_queue(WORK_QUEUES[self._destination], ensure=False)
+        self._queue = queue
+        self._tag = await queue.consume(self._on_message)
+        log.info("consumer.started", worker=self.name, queue=queue.name)
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking new messages, let in-flight ones finish within `grace`, then close."""
+        if self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except Exception as exc:  # the channel may already be gone; nothing to cancel then
+                log.warning("consumer.cancel_failed", worker=self.name, error=str(exc))
+            self._tag = None
+        if self._in_flight:
+            _, pending = await asyncio.wait(self._in_flight, timeout=grace)
+            for task in pending:  # unacked: the broker redelivers them to another worker
+                task.cancel()
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+        log.info("consumer.stopped", worker=self.name)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        try:
+            await self._settle(message)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+
+    async def _settle(self, message: AbstractIncomingMessage) -> None:
+        queue = self._destination
+        started = time.perf_counter()
+        structlog.contextvars.bind_contextvars(message_id=message.message_id, type=message.type)
+        try:
+            outcome = await self._run(message)
+        finally:
+            structlog.contextvars.unbind_contextvars("message_id", "type")
+        metrics.MESSAGES.labels(queue, outcome).inc()
+        metrics.MESSAGE_SECONDS.labels(queue).observe(time.perf_counter() - started)
+
+    async def _run(self, message: AbstractIncomingMessage) -> str:
+        try:
+            command = decode(message)
+        except ValueError as exc:
+            log.error("message.undecodable", error=str(exc))
+            await message.reject(requeue=False)
+            return "rejected"
+        try:
+            await self._handle(command)
+        except Retry as retry:
+            return await self._retry(message, command, retry.delay_ms, str(retry))
+        except Reject as exc:
+            log.error("message.rejected", reason=str(exc))
+            await message.reject(requeue=False)
+            return "rejected"
+        except (DatabaseUnavailable, BrokerUnavailable) as exc:
+            log.warning("message.dependency_down", error=str(exc))
+            await asyncio.sleep(OUTAGE_BACKOFF_S)
+            await message.nack(requeue=True)
+            return "requeued"
+        except Exception:
+            log.exception("message.failed", attempt=command.attempt)
+            if command.attempt + 1 >= MAX_UNEXPECTED_ATTEMPTS:
+                await message.reject(requeue=False)
+                return "rejected"
+            return await self._retry(message, command, backoff_ms(command.attempt), "unexpected")
+        await message.ack()
+        return "ok"
+
+    async def _retry(
+        self, message: AbstractIncomingMessage, command: Command, delay_ms: float, reason: str
+    ) -> str:
+        again = command.model_copy(update={"attempt": command.attempt + 1})
+        try:
+            await self._ctx.broker.publish(
+                again,
+                delay_ms=delay_ms,
+                destination=self._destination,
+                message_id=message.message_id,
+            )
+        except BrokerUnavailable:
+            await asyncio.sleep(OUTAGE_BACKOFF_S)
+            await message.nack(requeue=True)
+            return "requeued"
+        log.info("message.retry", delay_ms=round(delay_ms), reason=reason, attempt=again.attempt)
+        await message.ack()
+        return "retried"

@@ -1,0 +1,7 @@
+"""Worker names (as used by `queue-server worker NAME` and docker-compose) -> factories."""
+
+from __future__ import annotations
+
+from workers.runtime import WorkerFactory
+
+WORKERS: dict[str, WorkerFactory] = {}
