@@ -136,5 +136,22 @@ class Database:
             count: int = await cur.execute(sql, args)
             return count
 
+    @asynccontextmanager
+    async def named_lock(self, name: str) -> AsyncIterator[bool]:
+        """Try MySQL's GET_LOCK without waiting; yields whether this process holds it.
+
+        The lock lives on one connection, held for the whole block: if this process dies, the
+        server frees it and another instance takes over on its next try.
+        """
+        async with self._connection() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT GET_LOCK(%s, 0) AS got", (name,))
+            row = await cur.fetchone()
+            held = bool(row and row["got"] == 1)
+            try:
+                yield held
+            finally:
+                if held and not conn.closed:
+                    await cur.execute("DO RELEASE_LOCK(%s)", (name,))
+
     async def ping(self) -> None:
         await self.fetchone("SELECT 1")

@@ -56,6 +56,17 @@ class Settings(BaseSettings):
     KEY_CACHE_SECONDS: float = Field(5.0, ge=0, le=300)
     SHUTDOWN_GRACE_SECONDS: float = Field(20.0, ge=0, le=600)
     CLIENT_MAX_JSON_BYTES: int = Field(1_048_576, ge=1024)
+    RECONCILE_INTERVAL_SECONDS: float = Field(5.0, gt=0, le=3600)
+    # Work not done this long after it was due is treated as lost and re-published.
+    RECONCILE_GRACE_SECONDS: float = Field(10.0, ge=1, le=3600)
+
+    # --- callbacks -----------------------------------------------------------------------
+
+    # --- tasks ---------------------------------------------------------------------------
+
+    # --- email ---------------------------------------------------------------------------
+
+    # --- email tracking ------------------------------------------------------------------
 
     @field_validator("ADMIN_API_KEY")
     @classmethod

@@ -16,6 +16,7 @@ import pymysql
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from receiver import Receiver
 
 from gateway.app import create_app
 from shared.migrate import migrate
@@ -115,3 +116,11 @@ def make_key(client: TestClient[web.Request, web.Application], admin: dict[str, 
         return created
 
     return make
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A fresh callback receiver on 127.0.0.1 for one test."""
+    started = await Receiver.start()
+    yield started
+    await started.stop()

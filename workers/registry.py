@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from workers.reconciler import Reconciler
 from workers.runtime import WorkerFactory
 
-WORKERS: dict[str, WorkerFactory] = {}
+WORKERS: dict[str, WorkerFactory] = {
+    "reconciler": Reconciler,
+}
