@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pymysql
@@ -124,3 +130,61 @@ async def receiver() -> AsyncIterator[Receiver]:
     started = await Receiver.start()
     yield started
     await started.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServiceProcess:
+    """A `queue-server` subprocess (real process, real signals) and where it listens."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(timeout)
+
+
+def start_service(
+    env: dict[str, str], *args: str, cwd: str, port: int | None = None
+) -> ServiceProcess:
+    """Start `queue-server ARGS…` with the test environment; waits for /healthz if it is HTTP."""
+    port = port or free_port()
+    full_env = {**os.environ, **env, "PORT": str(port), "HOST": "127.0.0.1"}
+    exe = os.path.join(os.path.dirname(sys.executable), "queue-server")
+    proc = subprocess.Popen([exe, *args], env=full_env, cwd=cwd)
+    service = ServiceProcess(proc, f"http://127.0.0.1:{port}")
+    if args[0] in ("run", "gateway"):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"queue-server {args[0]} exited with {proc.returncode}")
+            try:
+                with urllib.request.urlopen(service.url + "/healthz", timeout=1):
+                    return service
+            except OSError:
+                time.sleep(0.2)
+        service.stop()
+        raise RuntimeError("queue-server did not become healthy in 60 s")
+    return service
+
+
+@pytest.fixture(scope="session")
+def gateway_process(
+    base_env: dict[str, str], migrated: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """`queue-server gateway` as a real subprocess on a free port (fuzzing, restarts)."""
+    service = start_service(base_env, "gateway", cwd=str(tmp_path_factory.mktemp("gw")))
+    yield service
+    service.stop()

@@ -1,0 +1,75 @@
+"""Pure logic: durations, ids, masking, secret redaction in logs, webhook-secret encryption."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+import pytest
+from cryptography.exceptions import InvalidTag
+
+from shared import crypto, ids
+from shared.durations import DurationError, expiry_after
+from shared.logs import _redact
+
+START = datetime(2024, 1, 31, 12, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("duration", "expected"),
+    [
+        ("30m", datetime(2024, 1, 31, 12, 30)),
+        ("4h", datetime(2024, 1, 31, 16, 0)),
+        ("4d", datetime(2024, 2, 4, 12, 0)),
+        ("1M", datetime(2024, 2, 29, 12, 0)),  # calendar month, clamped to the month's end
+        ("2M", datetime(2024, 3, 31, 12, 0)),
+        ("1y", datetime(2025, 1, 31, 12, 0)),
+        ("10y", datetime(2034, 1, 31, 12, 0)),
+        ("120M", datetime(2034, 1, 31, 12, 0)),
+        ("3650d", datetime(2034, 1, 28, 12, 0)),
+    ],
+)
+def test_durations(duration: str, expected: datetime) -> None:
+    assert expiry_after(duration, START) == expected
+
+
+@pytest.mark.parametrize("duration", ["", "4", "4w", "-1d", "0m", "11y", "121M", "3654d", "1 d"])
+def test_bad_durations(duration: str) -> None:
+    with pytest.raises(DurationError):
+        expiry_after(duration, START)
+
+
+def test_ids_have_the_original_shapes_and_do_not_repeat() -> None:
+    keys = {ids.new_api_key() for _ in range(500)}
+    assert len(keys) == 500
+    assert all(
+        re.fullmatch(r"[A-Za-z0-9]{5}-[A-Za-z0-9]{12}_[A-Za-z0-9]{8}\.[A-Za-z0-9]{20}", k)
+        for k in keys
+    )
+    record = ids.new_record_id()
+    assert re.fullmatch(r"[A-Za-z0-9]{20}-[A-Za-z0-9]{6}-[A-Za-z0-9]{12}", record)
+
+
+def test_masked_key_keeps_the_shape_and_only_the_last_four() -> None:
+    key = ids.new_api_key()
+    masked = ids.mask_api_key(key[-4:])
+    assert len(masked) == len(key)
+    assert masked.endswith(key[-4:]) and masked.startswith("xxxxx-")
+    assert key[:-4] not in masked
+
+
+def test_secrets_are_redacted_from_log_events() -> None:
+    event = {"event": "x", "api_key": "k", "authorization": "Bearer k", "token": "t", "n": 1}
+    out = _redact(None, "info", event)
+    assert out["api_key"] == out["authorization"] == out["token"] == "[redacted]"
+    assert out["n"] == 1
+
+
+def test_webhook_secret_encryption_round_trips_and_is_bound_to_salt() -> None:
+    salt = "s" * 10 + "alt-for-tests-0123456789abcdef"
+    secret = crypto.new_webhook_secret()
+    stored = crypto.encrypt(salt, secret)
+    assert secret not in stored
+    assert crypto.decrypt(salt, stored) == secret
+    with pytest.raises(InvalidTag):
+        crypto.decrypt("another-salt-0123456789abcdef-xyz", stored)
