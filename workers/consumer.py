@@ -69,7 +69,9 @@ class QueueConsumer:
     async def start(self) -> None:
         self._channel = await self._ctx.broker.connection.channel()
         await self._channel.set_qos(prefetch_count=self._prefetch)
-        queue = await self._channel.get_queue(WORK_QUEUES[self._destination], ensure=False)
+        # ensure=True: a robust channel only re-creates consumers of queues it declared itself,
+        # so with ensure=False nothing would consume again after a broker reconnect.
+        queue = await self._channel.get_queue(WORK_QUEUES[self._destination], ensure=True)
         self._queue = queue
         self._tag = await queue.consume(self._on_message)
         log.info("consumer.started", worker=self.name, queue=queue.name)

@@ -1,0 +1,149 @@
+"""Benchmark: an expiry storm, N tasks (20,000 by default) all due within the same second.
+
+Starts one gateway and one each of the expiry, callbacks and reconciler workers as separate
+`queue-server` processes (own database and vhost), and a callback receiver in this process.
+By default the tasks are written straight into MySQL and their timers published from this
+process (what queue/add does, minus the ADD callbacks), so setting up 20,000 tasks takes
+seconds; `--via-http` adds them through the API instead (and waits for their ADD callbacks).
+Then it waits for the storm and prints how long after the due second began the last EXPIRED
+callback arrived, how late each one was, and how many are missing or arrived twice.
+
+    .venv/bin/python bench/tasks_storm.py --help
+    .venv/bin/python bench/tasks_storm.py --tasks 20000 --lead 90
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from datetime import UTC, datetime
+
+from tasks_common import (
+    CpuMeter,
+    Stack,
+    add_tasks,
+    create_key,
+    http_session,
+    receiver,
+    rss_mb,
+    stack,
+    summary_ms,
+)
+
+from shared import tasks
+from shared.db import utcnow
+from shared.ids import new_record_id
+from shared.resources import open_broker, open_database
+from shared.settings import Settings
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=20_000, help="tasks in the storm (20000)")
+    parser.add_argument(
+        "--lead",
+        type=float,
+        default=30,
+        help="seconds from the start of adding to the due second; must cover adding them (30;"
+        " with --via-http allow ~1/400 s per task or more)",
+    )
+    parser.add_argument("--concurrency", type=int, default=64, help="concurrent adds (64)")
+    parser.add_argument("--via-http", action="store_true", help="add through queue/add")
+    parser.add_argument(
+        "--workers",
+        default="expiry,callbacks,reconciler",
+        help="worker processes to start, comma-separated (expiry,callbacks,reconciler)",
+    )
+    return parser.parse_args()
+
+
+async def create_direct(bench: Stack, due: list[float]) -> list[str]:
+    """Rows in bulk, then every timer published concurrently (confirmed), like queue/add."""
+    settings = Settings(_env_file=None, **bench.env)  # type: ignore[call-arg]
+    key_id = bench.mysql("SELECT MIN(id) AS id FROM api_keys")[0]["id"]
+    ids = [new_record_id() for _ in due]
+    now = utcnow()
+    rows = [
+        (
+            task_id,
+            key_id,
+            json.dumps({"i": i}),
+            datetime.fromtimestamp(when, UTC).replace(tzinfo=None),
+            now,
+        )
+        for i, (task_id, when) in enumerate(zip(ids, due, strict=True))
+    ]
+    async with open_database(settings) as db, open_broker(settings) as broker:
+        for start in range(0, len(rows), 2000):
+            async with db.transaction() as cur:
+                await cur.executemany(
+                    "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"
+                    " VALUES (%s, %s, %s, %s, %s)",
+                    rows[start : start + 2000],
+                )
+        limit = asyncio.Semaphore(256)
+
+        async def timer(task_id: str, when: float) -> None:
+            async with limit:
+                await tasks.publish_timer(broker, task_id, int(when * 1000))
+
+        await asyncio.gather(*(timer(t, w) for t, w in zip(ids, due, strict=True)))
+    return ids
+
+
+async def main() -> None:
+    args = parse_args()
+    with stack("storm") as bench:
+        gateway = bench.start("gateway", "gateway", "--no-migrate", "--no-setup-broker", http=True)
+        workers = {name: bench.start(name, "worker", name) for name in args.workers.split(",")}
+        assert gateway.url is not None
+        async with receiver() as recv, http_session() as session:
+            headers = await create_key(session, gateway.url, bench, recv.url)
+            second = int(time.time() + args.lead)
+            due = [second + random.random() for _ in range(args.tasks)]
+            started = time.time()
+            if args.via_http:
+                ids = await add_tasks(session, gateway.url, headers, due, args.concurrency)
+            else:
+                ids = await create_direct(bench, due)
+            added = time.time()
+            print(f"added {len(ids)} tasks in {added - started:.1f} s")
+            if added >= second:
+                raise SystemExit("adding took longer than --lead; raise it")
+            if args.via_http:
+                await recv.wait_for("ADD", args.tasks, within=max(1.0, second - time.time()))
+                print(f"ADD callbacks received: {len(recv.of('ADD'))}")
+            print(f"the storm is due in {second - time.time():.1f} s")
+            meter = CpuMeter({n: s.proc.pid for n, s in workers.items()})
+            await asyncio.sleep(max(0.0, second - time.time() - 1))
+            meter.start()
+            await recv.wait_for("EXPIRED", args.tasks, within=60, unique=True)
+            print(f"  {meter.report()} (from 1 s before the storm until the last callback)")
+            await asyncio.sleep(2)  # late duplicates, if any
+            rss = {n: rss_mb(s.proc.pid) for n, s in workers.items()}
+
+        expired = recv.of("EXPIRED")
+        due_of = {t: int(when * 1000) / 1000 for t, when in zip(ids, due, strict=True)}
+        per_task = Counter(a.body["queue_id"] for a in expired)
+        rows = bench.mysql("SELECT expire_at, expired_at, fired_by FROM tasks")
+        fire = [(r["expired_at"] - r["expire_at"]).total_seconds() for r in rows if r["expired_at"]]
+        receipt = [a.at - due_of[a.body["queue_id"]] for a in expired]
+        last = max((a.at for a in expired), default=float("nan"))
+        print(f"storm: {args.tasks} tasks due in the second starting at {second}")
+        print(f"  all EXPIRED callbacks received {last - second:.2f} s after that second began")
+        print(f"  fire lateness:    {summary_ms(fire)}")
+        print(f"  receipt lateness: {summary_ms(receipt)}")
+        print(
+            f"  missing {args.tasks - len(per_task)}, duplicates"
+            f" {sum(n - 1 for n in per_task.values())},"
+            f" fired by {dict(Counter(r['fired_by'] for r in rows))}"
+        )
+        print("  worker RSS: " + ", ".join(f"{n} {mb:.0f} MB" for n, mb in rss.items()))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

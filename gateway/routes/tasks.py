@@ -1,0 +1,110 @@
+"""The task queue (contract section "Task Queue"): add, remove and read tasks; client keys only."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.app_keys import BROKER, DB, SETTINGS
+from gateway.auth import Role, client_key
+from gateway.endpoints import EndpointTable
+from gateway.errors import ApiError
+from schemas.tasks import AddedTask, AddTask, RemovedTask, TaskRef, TaskState
+from shared import tasks
+
+table = EndpointTable()
+TAG = "Task queue"
+
+# Each refusal of the task service -> (HTTP status, error code).
+_ERRORS: dict[type[tasks.TaskError], tuple[int, str]] = {
+    tasks.ExpiryOutOfRange: (400, "EXPIRY_OUT_OF_RANGE"),
+    tasks.BadIdempotencyKey: (400, "BAD_IDEMPOTENCY_KEY"),
+    tasks.IdempotencyConflict: (409, "IDEMPOTENCY_CONFLICT"),
+    tasks.DataTooLarge: (413, "DATA_TOO_LARGE"),
+    tasks.InvalidData: (422, "VALIDATION"),
+    tasks.TaskNotFound: (404, "TASK_NOT_FOUND"),
+    tasks.TaskNotPending: (404, "TASK_NOT_PENDING"),
+}
+
+
+def _api_error(exc: tasks.TaskError, **extra: object) -> ApiError:
+    status, code = _ERRORS[type(exc)]
+    return ApiError(status, str(exc), code, **extra)
+
+
+@table.route(
+    "POST",
+    "/server/queue/add",
+    role=Role.CLIENT,
+    body=AddTask,
+    response=AddedTask,
+    summary="Add a task; it is called back at the key's return_api on ADD and EXPIRED "
+    "(optional Idempotency-Key header: a retry with the same key and body returns the same "
+    "taskId)",
+    tag=TAG,
+    errors=(400, 409, 413, 422),
+)
+async def add_task(request: web.Request, body: AddTask) -> AddedTask:
+    try:
+        added = await tasks.add_task(
+            request.app[DB],
+            request.app[BROKER],
+            key_id=client_key(request).id,
+            data=body.data,
+            expire_at=body.expiryDate,
+            max_data_bytes=request.app[SETTINGS].TASK_MAX_DATA_BYTES,
+            idempotency_key=request.headers.get("Idempotency-Key"),
+        )
+    except tasks.TaskError as exc:
+        raise _api_error(exc) from exc
+    return AddedTask(taskId=added.task_id)
+
+
+@table.route(
+    "POST",
+    "/server/queue/remove",
+    role=Role.CLIENT,
+    body=TaskRef,
+    response=RemovedTask,
+    summary="Remove a pending task (404 if unknown, another key's, expired or removed)",
+    tag=TAG,
+    errors=(404, 422),
+)
+async def remove_task(request: web.Request, body: TaskRef) -> RemovedTask:
+    try:
+        await tasks.remove_task(
+            request.app[DB],
+            request.app[BROKER],
+            key_id=client_key(request).id,
+            task_id=body.queue_id,
+        )
+    except tasks.TaskError as exc:
+        raise _api_error(exc, removed=False) from exc
+    return RemovedTask()
+
+
+@table.route(
+    "POST",
+    "/server/queue/get",
+    role=Role.CLIENT,
+    body=TaskRef,
+    response=TaskState,
+    summary="A task's status (PENDING, EXPIRED or REMOVED), data and timestamps",
+    tag=TAG,
+    errors=(404, 422),
+)
+async def get_task(request: web.Request, body: TaskRef) -> TaskState:
+    try:
+        task = await tasks.get_task(
+            request.app[DB], key_id=client_key(request).id, task_id=body.queue_id
+        )
+    except tasks.TaskError as exc:
+        raise _api_error(exc) from exc
+    return TaskState(
+        queue_id=task.task_id,
+        status=task.status,
+        data=task.data,
+        expire_date=task.expire_at,
+        created_at=task.created_at,
+        expired_at=task.expired_at,
+        removed_at=task.removed_at,
+    )

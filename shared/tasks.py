@@ -1,0 +1,417 @@
+"""The task queue's service functions: add, remove, read, and the one expiry transition.
+
+MySQL holds every task; the broker only carries "look at task X at time T" (ExpireTask through
+the delay cascade). Each state change commits together with its callback event (the outbox in
+shared/callbacks.py) and is conditional on the row still being PENDING, so a timer message that
+arrives twice, a removed task's timer, and the reconciler racing a timer all end with exactly
+one EXPIRED or REMOVE event per task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
+
+import pymysql
+import structlog
+
+from schemas.api_keys import iso_utc
+from schemas.messages import ExpireTask
+from schemas.tasks import TaskCallback, TaskEvent, TaskStatus
+from shared import metrics
+from shared.broker import Broker, BrokerUnavailable
+from shared.callbacks import NewEvent, publish_events, record_events
+from shared.db import Database, Row, utcnow
+from shared.ids import new_record_id
+
+log = structlog.get_logger(__name__)
+
+PENDING, EXPIRED, REMOVED = "PENDING", "EXPIRED", "REMOVED"
+# callback_events.event_type of each task event (the payload's `event` is the contract's word).
+EVENT_TYPES: dict[TaskEvent, str] = {
+    "ADD": "task.added",
+    "REMOVE": "task.removed",
+    "EXPIRED": "task.expired",
+}
+MAX_YEARS_AHEAD = 10
+# DATETIME's range starts at year 1000; nothing sensible expires before the epoch anyway.
+EARLIEST_EXPIRY = datetime(1970, 1, 1)
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,254}$")
+# InnoDB deadlock / lock wait timeout: the transaction was rolled back and may simply be re-run.
+_RETRYABLE_LOCK_ERRORS = {1213, 1205}
+_LOCK_RETRIES = 3
+
+FiredBy = Literal["timer", "reconciler"]
+
+_TASK_COLUMNS = (
+    "id, task_id, api_key_id, data, expire_at, status, created_at, expired_at, removed_at"
+)
+
+
+class TaskError(Exception):
+    """A request the task queue refuses; the gateway maps each kind to a status and code."""
+
+
+class ExpiryOutOfRange(TaskError):
+    pass
+
+
+class DataTooLarge(TaskError):
+    pass
+
+
+class InvalidData(TaskError):
+    pass
+
+
+class BadIdempotencyKey(TaskError):
+    pass
+
+
+class IdempotencyConflict(TaskError):
+    pass
+
+
+class TaskNotFound(TaskError):
+    pass
+
+
+class TaskNotPending(TaskError):
+    pass
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    api_key_id: int
+    data: dict[str, Any]
+    expire_at: datetime
+    status: TaskStatus
+    created_at: datetime
+    expired_at: datetime | None
+    removed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Added:
+    task_id: str
+    created: bool  # False: an idempotent replay answered with the earlier task
+
+
+# ----------------------------------------------------------------------------- pure rules
+
+
+def to_db_time(moment: datetime) -> datetime:
+    """Aware -> naive UTC cut to whole milliseconds (what DATETIME(3) and the timer both hold)."""
+    utc = moment.astimezone(UTC).replace(tzinfo=None)
+    return utc.replace(microsecond=utc.microsecond // 1000 * 1000)
+
+
+def epoch_ms(naive_utc: datetime) -> int:
+    return int(naive_utc.replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def latest_expiry(now: datetime) -> datetime:
+    """`now` plus ten calendar years (29 February becomes 28 February)."""
+    try:
+        return now.replace(year=now.year + MAX_YEARS_AHEAD)
+    except ValueError:
+        return now.replace(year=now.year + MAX_YEARS_AHEAD, day=28)
+
+
+def check_expiry(expire_at: datetime, now: datetime) -> None:
+    """Past times are fine (they expire at once); more than ten years ahead is refused."""
+    if expire_at > latest_expiry(now):
+        raise ExpiryOutOfRange(f"expiryDate must be at most {MAX_YEARS_AHEAD} years ahead")
+    if expire_at < EARLIEST_EXPIRY:
+        raise ExpiryOutOfRange("expiryDate must be after 1970-01-01T00:00:00Z")
+
+
+def encode_data(data: dict[str, Any], max_bytes: int) -> str:
+    """The task's data as compact JSON, refused when larger than `max_bytes` of UTF-8."""
+    try:
+        encoded = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:  # NaN/Infinity: Python's parser accepts them, JSON does not
+        raise InvalidData("data must be plain JSON (no NaN or Infinity)") from exc
+    if len(encoded.encode()) > max_bytes:
+        raise DataTooLarge(f"data must be at most {max_bytes} bytes as JSON")
+    return encoded
+
+
+def check_idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not IDEMPOTENCY_KEY_PATTERN.match(value):
+        raise BadIdempotencyKey("Idempotency-Key must be 1-255 printable ASCII characters")
+    return value
+
+
+def request_fingerprint(data: dict[str, Any], expire_at: datetime) -> str:
+    """What makes two add requests "the same body": equal data (any key order), same instant."""
+    canonical = json.dumps(
+        {"data": data, "expire_ms": epoch_ms(expire_at)}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def callback_payload(
+    task_id: str, expire_at: datetime, event: TaskEvent, data: dict[str, Any]
+) -> dict[str, Any]:
+    """The contract's callback body; `queue_id` is the task id."""
+    return TaskCallback(
+        queue_id=task_id, expire_data=iso_utc(expire_at) or "", event=event, data=data
+    ).model_dump()
+
+
+def _event(key_id: int, task_id: str, expire_at: datetime, event: TaskEvent, data: Any) -> NewEvent:
+    return NewEvent(
+        api_key_id=key_id,
+        event_type=EVENT_TYPES[event],
+        subject_id=task_id,
+        payload=callback_payload(task_id, expire_at, event, data),
+    )
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join(["%s"] * count)
+
+
+# ----------------------------------------------------------------------------- timers
+
+
+async def publish_timer(broker: Broker, task_id: str, due_at_ms: int) -> None:
+    """Schedule an ExpireTask for `due_at_ms` (confirmed); BrokerUnavailable if not taken.
+
+    The delay is rounded DOWN to whole cascade units, so the message arrives up to one unit
+    early and the expiry worker holds the sub-unit rest itself: precision well below the unit.
+    A delay beyond one pass of the cascade arrives early by more, and is re-published.
+    """
+    unit = broker.cascade.unit_ms
+    delay_ms = max(0, due_at_ms - int(time.time() * 1000))
+    await broker.publish(
+        ExpireTask(task_id=task_id, due_at_ms=due_at_ms),
+        delay_ms=delay_ms // unit * unit,
+        message_id=task_id,
+    )
+
+
+async def _schedule(broker: Broker, task_id: str, due_at_ms: int) -> None:
+    """publish_timer for a committed task: a failure is left to the reconciler's sweep."""
+    try:
+        await publish_timer(broker, task_id, due_at_ms)
+    except BrokerUnavailable as exc:
+        metrics.TASK_TIMER_PUBLISH_FAILED.inc()
+        log.warning("task.timer_deferred", task_id=task_id, error=str(exc))
+
+
+# ----------------------------------------------------------------------------- add
+
+
+async def add_task(
+    db: Database,
+    broker: Broker,
+    *,
+    key_id: int,
+    data: dict[str, Any],
+    expire_at: datetime,
+    max_data_bytes: int,
+    idempotency_key: str | None = None,
+) -> Added:
+    """Store a task with its ADD event, then publish its timer and the event (concurrently).
+
+    The answer does not depend on the publishes: once the row is committed the task is safe,
+    and a timer that was not confirmed is covered by the reconciler.
+    """
+    due = to_db_time(expire_at)
+    now = utcnow()
+    check_expiry(due, now)
+    data_json = encode_data(data, max_data_bytes)
+    idempotency_key = check_idempotency_key(idempotency_key)
+    fingerprint = request_fingerprint(data, due) if idempotency_key else None
+    task_id = new_record_id()
+    try:
+        async with db.transaction() as cur:
+            await cur.execute(
+                "INSERT INTO tasks (task_id, api_key_id, data, expire_at, idempotency_key,"
+                " request_hash, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (task_id, key_id, data_json, due, idempotency_key, fingerprint, now),
+            )
+            event_ids = await record_events(cur, [_event(key_id, task_id, due, "ADD", data)])
+    except pymysql.err.IntegrityError:
+        if idempotency_key is None or fingerprint is None:
+            raise
+        return await _replay(db, key_id, idempotency_key, fingerprint)
+    metrics.TASKS.labels("added").inc()
+    await asyncio.gather(
+        _schedule(broker, task_id, epoch_ms(due)), publish_events(broker, event_ids)
+    )
+    return Added(task_id=task_id, created=True)
+
+
+async def _replay(db: Database, key_id: int, idempotency_key: str, fingerprint: str) -> Added:
+    """The earlier answer for a retried request, or IdempotencyConflict for a different body."""
+    row = await db.fetchone(
+        "SELECT task_id, request_hash FROM tasks WHERE api_key_id = %s AND idempotency_key = %s",
+        (key_id, idempotency_key),
+    )
+    if row is None:  # the integrity error was something else (a task id collision: ~never)
+        raise RuntimeError("task insert failed without an idempotency match")
+    if row["request_hash"] != fingerprint:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was already used with a different request body"
+        )
+    return Added(task_id=row["task_id"], created=False)
+
+
+# ----------------------------------------------------------------------------- remove, read
+
+
+async def remove_task(db: Database, broker: Broker, *, key_id: int, task_id: str) -> None:
+    """PENDING -> REMOVED with its REMOVE event; the timer message is dropped when it arrives."""
+    async with db.transaction() as cur:
+        await cur.execute(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = %s AND api_key_id = %s"  # noqa: S608 - constant column list
+            " FOR UPDATE",
+            (task_id, key_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise TaskNotFound("'taskId' does not exist.")
+        if row["status"] != PENDING:
+            raise TaskNotPending(f"task is already {row['status']}")
+        await cur.execute(
+            "UPDATE tasks SET status = %s, removed_at = %s WHERE id = %s",
+            (REMOVED, utcnow(), row["id"]),
+        )
+        event = _event(key_id, task_id, row["expire_at"], "REMOVE", json.loads(row["data"]))
+        event_ids = await record_events(cur, [event])
+    metrics.TASKS.labels("removed").inc()
+    await publish_events(broker, event_ids)
+
+
+def _task(row: Row) -> Task:
+    return Task(
+        task_id=row["task_id"],
+        api_key_id=row["api_key_id"],
+        data=json.loads(row["data"]),
+        expire_at=row["expire_at"],
+        status=cast(TaskStatus, row["status"]),  # the column only holds the three values
+        created_at=row["created_at"],
+        expired_at=row["expired_at"],
+        removed_at=row["removed_at"],
+    )
+
+
+async def get_task(db: Database, *, key_id: int, task_id: str) -> Task:
+    """The caller's own task; TaskNotFound for unknown ids and other keys' tasks alike."""
+    row = await db.fetchone(
+        f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = %s AND api_key_id = %s",  # noqa: S608 - constant column list
+        (task_id, key_id),
+    )
+    if row is None:
+        raise TaskNotFound("'taskId' does not exist.")
+    return _task(row)
+
+
+async def is_pending(db: Database, task_id: str) -> bool:
+    row = await db.fetchone("SELECT status FROM tasks WHERE task_id = %s", (task_id,))
+    return row is not None and row["status"] == PENDING
+
+
+# ----------------------------------------------------------------------------- expiry
+
+
+@dataclass(frozen=True)
+class Expired:
+    task_ids: list[str]  # the tasks this call moved PENDING -> EXPIRED
+    event_ids: list[str]  # their EXPIRED callback events, committed, not yet published
+
+
+async def expire_tasks(
+    db: Database, broker: Broker, task_ids: Sequence[str], *, source: FiredBy
+) -> list[str]:
+    """Expire every listed task still PENDING and publish its EXPIRED event; the ids fired."""
+    expired = await expire_tasks_in_db(db, task_ids, source=source)
+    await publish_events(broker, expired.event_ids)
+    return expired.task_ids
+
+
+async def expire_tasks_in_db(db: Database, task_ids: Sequence[str], *, source: FiredBy) -> Expired:
+    """PENDING -> EXPIRED for every listed task still pending, with one EXPIRED event each.
+
+    One transaction for the whole batch: lock the pending rows, flip them, insert their events.
+    Tasks already EXPIRED or REMOVED (or unknown) are skipped silently. The caller publishes
+    the events (shared.callbacks.publish_events) after this returns.
+    """
+    unique = list(dict.fromkeys(task_ids))
+    if not unique:
+        return Expired([], [])
+    fired_at = utcnow()
+    rows, event_ids = await _expire_in_db(db, unique, fired_at, source)
+    for row in rows:
+        lateness = (fired_at - row["expire_at"]).total_seconds()
+        metrics.TASK_EXPIRY_LATENESS.labels(source).observe(max(0.0, lateness))
+    if rows:
+        metrics.TASKS.labels("expired").inc(len(rows))
+    return Expired([row["task_id"] for row in rows], event_ids)
+
+
+async def _expire_in_db(
+    db: Database, task_ids: list[str], fired_at: datetime, source: FiredBy
+) -> tuple[list[Row], list[str]]:
+    for attempt in range(_LOCK_RETRIES):
+        try:
+            return await _expire_transaction(db, task_ids, fired_at, source)
+        except pymysql.err.OperationalError as exc:
+            if exc.args[0] not in _RETRYABLE_LOCK_ERRORS or attempt + 1 == _LOCK_RETRIES:
+                raise
+            log.warning("task.expire_lock_retry", error=str(exc), attempt=attempt + 1)
+    raise AssertionError("unreachable")
+
+
+async def _expire_transaction(
+    db: Database, task_ids: list[str], fired_at: datetime, source: FiredBy
+) -> tuple[list[Row], list[str]]:
+    async with db.transaction() as cur:
+        # FOR UPDATE: a concurrent remove, a duplicate timer in another worker, or the
+        # reconciler waits here and then finds the row no longer PENDING. FORCE INDEX: on a
+        # small or skewed table the optimizer may pick ix_tasks_due or a full scan, and a
+        # locking read would then lock every PENDING row, stalling adds and removes.
+        await cur.execute(
+            "SELECT id, task_id, api_key_id, data, expire_at FROM tasks"  # noqa: S608 - placeholders only
+            f" FORCE INDEX (uq_tasks_task) WHERE task_id IN ({_placeholders(len(task_ids))})"
+            " AND status = %s FOR UPDATE",
+            (*task_ids, PENDING),
+        )
+        rows: list[Row] = list(await cur.fetchall())
+        if not rows:
+            return [], []
+        # These rows are locked and PENDING; update them by primary key.
+        await cur.execute(
+            "UPDATE tasks SET status = %s, expired_at = %s, fired_by = %s"  # noqa: S608 - placeholders only
+            f" WHERE id IN ({_placeholders(len(rows))})",
+            (EXPIRED, fired_at, source, *(row["id"] for row in rows)),
+        )
+        events = [
+            _event(r["api_key_id"], r["task_id"], r["expire_at"], "EXPIRED", json.loads(r["data"]))
+            for r in rows
+        ]
+        event_ids = await record_events(cur, events)
+    return rows, event_ids
+
+
+async def overdue_task_ids(db: Database, *, due_before: datetime, limit: int) -> list[str]:
+    """PENDING tasks due before `due_before`, oldest first (the reconciler's sweep)."""
+    rows = await db.fetchall(
+        "SELECT task_id FROM tasks WHERE status = %s AND expire_at < %s"
+        " ORDER BY expire_at LIMIT %s",
+        (PENDING, due_before, limit),
+    )
+    return [row["task_id"] for row in rows]

@@ -1,0 +1,579 @@
+"""The task queue end to end: HTTP routes, MySQL rows, callback events, timers on RabbitMQ.
+
+Most tests use the session's service (default 1000 ms cascade unit). The cascade tests run a
+second gateway + expiry worker + reconciler with a 50 ms unit and 6 levels (one pass = 3.15 s)
+in a vhost of their own, so every level, the maximum and a delay beyond one pass take seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import subprocess
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import aio_pika
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import AMQP_BASE
+from pydantic import SecretStr
+from receiver import Receiver
+
+from gateway.app import create_app
+from gateway.app_keys import BROKER, DB
+from schemas.messages import ExpireTask
+from shared import tasks
+from shared.db import Database, utcnow
+from shared.ids import new_record_id
+from shared.settings import Settings
+from workers.registry import WORKERS
+
+Client = TestClient[web.Request, web.Application]
+TASK_ID = re.compile(r"^[A-Za-z0-9]{20}-[A-Za-z0-9]{6}-[A-Za-z0-9]{12}$")
+ISO_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+HAS_CALLBACKS_WORKER = "callbacks" in WORKERS
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def in_ms(ms: float) -> datetime:
+    return datetime.now(UTC) + timedelta(milliseconds=ms)
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def task_row(db: Database, task_id: str) -> dict[str, Any]:
+    row = await db.fetchone("SELECT * FROM tasks WHERE task_id = %s", (task_id,))
+    assert row is not None, task_id
+    return row
+
+
+async def events(db: Database, task_id: str) -> list[dict[str, Any]]:
+    rows = await db.fetchall(
+        "SELECT event_type, api_key_id, payload FROM callback_events WHERE subject_id = %s"
+        " ORDER BY id",
+        (task_id,),
+    )
+    return [{**row, "payload": json.loads(row["payload"])} for row in rows]
+
+
+async def wait_status(db: Database, task_id: str, status: str, timeout: float) -> dict[str, Any]:
+    async def done() -> bool:
+        return (await task_row(db, task_id))["status"] == status
+
+    await wait_until(done, timeout, f"task {task_id} to be {status}")
+    return await task_row(db, task_id)
+
+
+async def add(
+    client: Client,
+    key: dict[str, Any],
+    when: datetime | str,
+    data: Any = None,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    body = {"data": {"n": 1} if data is None else data, "expiryDate": when}
+    if isinstance(when, datetime):
+        body["expiryDate"] = iso(when)
+    resp = await client.post(
+        "/server/queue/add", json=body, headers={**key["headers"], **(headers or {})}
+    )
+    assert resp.status == 200, await resp.text()
+    answer: dict[str, Any] = await resp.json()
+    return answer
+
+
+def db_of(client: Client) -> Database:
+    return client.app[DB]
+
+
+# ------------------------------------------------------------------------- the session's service
+
+
+async def test_add_then_expire_records_add_then_expired(client: Client, make_key: Any) -> None:
+    key = await make_key()
+    due = in_ms(2000)
+    data = {"hello": "world", "foo": "bar", "value": 1234567890, "nested": {"ü": [1, 2]}}
+    answer = await add(client, key, due, data)
+    assert answer["valid"] is True and TASK_ID.match(answer["taskId"])
+    task_id = answer["taskId"]
+    db = db_of(client)
+
+    pending = await (
+        await client.post("/server/queue/get", json={"queue_id": task_id}, headers=key["headers"])
+    ).json()
+    assert pending["status"] == "PENDING" and pending["data"] == data
+    assert pending["expire_date"] == iso(due) and pending["expired_at"] is None
+
+    row = await wait_status(db, task_id, "EXPIRED", timeout=10)
+    expire_at = tasks.to_db_time(due)
+    assert row["expire_at"] == expire_at
+    assert row["fired_by"] == "timer"
+    lateness = (row["expired_at"] - expire_at).total_seconds()
+    assert 0 <= lateness < 1.0, lateness  # never early; sub-second thanks to the held rest
+
+    got = await events(db, task_id)
+    assert [e["event_type"] for e in got] == ["task.added", "task.expired"]
+    for event, name in zip(got, ("ADD", "EXPIRED"), strict=True):
+        assert event["payload"] == {
+            "queue_id": task_id,
+            "expire_data": iso(due),
+            "event": name,
+            "data": data,
+        }
+        assert ISO_MS_Z.match(event["payload"]["expire_data"])
+
+    state = await (
+        await client.post("/server/queue/get", json={"queue_id": task_id}, headers=key["headers"])
+    ).json()
+    assert state["status"] == "EXPIRED" and ISO_MS_Z.match(state["expired_at"])
+    assert state["removed_at"] is None and ISO_MS_Z.match(state["created_at"])
+
+
+async def test_removed_task_records_remove_and_never_expires(client: Client, make_key: Any) -> None:
+    key = await make_key()
+    db = db_of(client)
+    due = in_ms(1500)
+    removed = (await add(client, key, due))["taskId"]
+    # A control task with the same due time, timed by the same cascade levels: once it has
+    # expired, the removed task's timer has been consumed too.
+    control = (await add(client, key, due))["taskId"]
+
+    resp = await client.post(
+        "/server/queue/remove", json={"queue_id": removed}, headers=key["headers"]
+    )
+    assert resp.status == 200 and await resp.json() == {"valid": True, "removed": True}
+
+    await wait_status(db, control, "EXPIRED", timeout=10)
+    await asyncio.sleep(0.3)  # the removed task's timer is in the same batch window or before
+    row = await task_row(db, removed)
+    assert row["status"] == "REMOVED" and row["expired_at"] is None and row["removed_at"]
+    got = await events(db, removed)
+    assert [e["event_type"] for e in got] == ["task.added", "task.removed"]
+    assert got[1]["payload"]["event"] == "REMOVE" and got[1]["payload"]["queue_id"] == removed
+
+    again = await client.post(
+        "/server/queue/remove", json={"queue_id": removed}, headers=key["headers"]
+    )
+    assert again.status == 404
+    body = await again.json()
+    assert body["removed"] is False and body["valid"] is False
+    assert body["code"] == "TASK_NOT_PENDING" and body["msg"]
+    expired = await client.post(
+        "/server/queue/remove", json={"queue_id": control}, headers=key["headers"]
+    )
+    assert expired.status == 404 and (await expired.json())["removed"] is False
+
+
+async def test_past_expiry_fires_at_once(client: Client, make_key: Any) -> None:
+    key = await make_key()
+    started = utcnow()
+    task_id = (await add(client, key, in_ms(-3_600_000)))["taskId"]
+    row = await wait_status(db_of(client), task_id, "EXPIRED", timeout=5)
+    assert (row["expired_at"] - started).total_seconds() < 2
+    assert row["fired_by"] == "timer"
+    assert [e["event_type"] for e in await events(db_of(client), task_id)] == [
+        "task.added",
+        "task.expired",
+    ]
+
+
+async def test_expiry_date_forms(client: Client, make_key: Any) -> None:
+    """Offsets other than Z are converted to UTC; the callback always says Z with ms."""
+    key = await make_key()
+    db = db_of(client)
+    local = (datetime.now(UTC) + timedelta(days=3)).astimezone(
+        timezone(timedelta(hours=5, minutes=30))
+    )
+    task_id = (await add(client, key, local.isoformat()))["taskId"]
+    row = await task_row(db, task_id)
+    assert row["expire_at"] == tasks.to_db_time(local)
+    assert (await events(db, task_id))[0]["payload"]["expire_data"] == iso(local)
+
+
+async def test_validation_errors_have_the_error_shape(
+    client: Client, make_key: Any, admin: dict[str, str], settings: Settings
+) -> None:
+    key = await make_key()
+    h = key["headers"]
+    soon = iso(in_ms(60_000))
+    big = {"blob": "x" * settings.TASK_MAX_DATA_BYTES}
+    url = "/server/queue/add"
+    cases: list[tuple[Any, int, str]] = [
+        (client.post(url, json={"data": [1, 2], "expiryDate": soon}, headers=h), 422, "VALIDATION"),
+        (client.post(url, json={"data": "x", "expiryDate": soon}, headers=h), 422, "VALIDATION"),
+        (client.post(url, json={"data": None, "expiryDate": soon}, headers=h), 422, "VALIDATION"),
+        (client.post(url, json={"expiryDate": soon}, headers=h), 422, "VALIDATION"),
+        (client.post(url, json={"data": {}}, headers=h), 422, "VALIDATION"),
+        (
+            client.post(url, json={"data": big, "expiryDate": soon}, headers=h),
+            413,
+            "DATA_TOO_LARGE",
+        ),
+        (
+            client.post(url, json={"data": {}, "expiryDate": "2030-01-01T10:00:00"}, headers=h),
+            422,
+            "VALIDATION",
+        ),
+        (
+            client.post(url, json={"data": {}, "expiryDate": "2030-01-01"}, headers=h),
+            422,
+            "VALIDATION",
+        ),
+        (
+            client.post(url, json={"data": {}, "expiryDate": "tomorrow"}, headers=h),
+            422,
+            "VALIDATION",
+        ),
+        (
+            client.post(url, json={"data": {}, "expiryDate": 1893456000000}, headers=h),
+            422,
+            "VALIDATION",
+        ),
+        (
+            client.post(
+                url, json={"data": {}, "expiryDate": iso(in_ms(11 * 366 * 86_400_000))}, headers=h
+            ),
+            400,
+            "EXPIRY_OUT_OF_RANGE",
+        ),
+        (
+            client.post(url, json={"data": {}, "expiryDate": "0999-01-01T00:00:00Z"}, headers=h),
+            400,
+            "EXPIRY_OUT_OF_RANGE",
+        ),
+        (
+            client.post(url, json={"data": {}, "expiryDate": soon, "extra": 1}, headers=h),
+            422,
+            "VALIDATION",
+        ),
+        (
+            client.post(url, data=b'{"data": {', headers={**h, "Content-Type": "application/json"}),
+            400,
+            "MALFORMED_JSON",
+        ),
+        (
+            client.post(
+                url,
+                data=b'{"data": {"x": NaN}, "expiryDate": "2030-01-01T00:00:00Z"}',
+                headers={**h, "Content-Type": "application/json"},
+            ),
+            422,
+            "VALIDATION",
+        ),
+        (
+            client.post(
+                url, json={"data": {}, "expiryDate": soon}, headers={**h, "Idempotency-Key": ""}
+            ),
+            400,
+            "BAD_IDEMPOTENCY_KEY",
+        ),
+        (
+            client.post(
+                url,
+                json={"data": {}, "expiryDate": soon},
+                headers={**h, "Idempotency-Key": "k" * 256},
+            ),
+            400,
+            "BAD_IDEMPOTENCY_KEY",
+        ),
+        (client.post(url, json={"data": {}, "expiryDate": soon}, headers=admin), 403, "FORBIDDEN"),
+        (client.post(url, json={"data": {}, "expiryDate": soon}), 401, "UNAUTHORIZED"),
+        (
+            client.post("/server/queue/remove", json={"queue_id": "a.b"}, headers=h),
+            422,
+            "VALIDATION",
+        ),
+        (client.post("/server/queue/remove", json={}, headers=h), 422, "VALIDATION"),
+        (client.post("/server/queue/get", json={"queue_id": "x"}, headers=admin), 403, "FORBIDDEN"),
+    ]
+    before = await db_of(client).fetchone(
+        "SELECT COUNT(*) AS n FROM tasks t JOIN api_keys k ON k.id = t.api_key_id"
+        " WHERE k.api_name = %s",
+        (key["api_name"],),
+    )
+    for call, status, code in cases:
+        resp = await call
+        text = await resp.text()
+        assert resp.status == status, (status, code, text)
+        body = json.loads(text)
+        assert body["valid"] is False and body["msg"] and body["code"] == code, body
+    after = await db_of(client).fetchone(
+        "SELECT COUNT(*) AS n FROM tasks t JOIN api_keys k ON k.id = t.api_key_id"
+        " WHERE k.api_name = %s",
+        (key["api_name"],),
+    )
+    assert before == after == {"n": 0}
+
+
+async def test_data_just_under_the_limit_is_accepted(
+    client: Client, make_key: Any, settings: Settings
+) -> None:
+    key = await make_key()
+    overhead = len(json.dumps({"blob": ""}, separators=(",", ":")))
+    data = {"blob": "x" * (settings.TASK_MAX_DATA_BYTES - overhead)}
+    task_id = (await add(client, key, in_ms(3_600_000), data))["taskId"]
+    assert json.loads((await task_row(db_of(client), task_id))["data"]) == data
+
+
+async def test_remove_and_get_are_scoped_to_the_key(client: Client, make_key: Any) -> None:
+    mine, other = await make_key(), await make_key()
+    task_id = (await add(client, mine, in_ms(3_600_000)))["taskId"]
+    for path in ("/server/queue/remove", "/server/queue/get"):
+        for who, queue_id in ((other, task_id), (mine, new_record_id())):
+            resp = await client.post(path, json={"queue_id": queue_id}, headers=who["headers"])
+            assert resp.status == 404, path
+            body = await resp.json()
+            assert body["valid"] is False and body["code"] == "TASK_NOT_FOUND"
+            if path.endswith("remove"):
+                assert body["removed"] is False
+    assert (await task_row(db_of(client), task_id))["status"] == "PENDING"
+    resp = await client.post(
+        "/server/queue/remove", json={"queue_id": task_id}, headers=mine["headers"]
+    )
+    assert resp.status == 200
+
+
+async def test_idempotency_key(client: Client, make_key: Any) -> None:
+    key, other = await make_key(), await make_key()
+    db = db_of(client)
+    when = iso(in_ms(3_600_000))
+    idem = {"Idempotency-Key": f"order-{secrets.token_hex(4)}"}
+    body = {"data": {"a": 1, "b": [1, 2]}, "expiryDate": when}
+
+    first = await add(client, key, when, body["data"], headers=idem)
+    # A retry, with the data's keys in another order: the same request.
+    again = await client.post(
+        "/server/queue/add",
+        json={"expiryDate": when, "data": {"b": [1, 2], "a": 1}},
+        headers={**key["headers"], **idem},
+    )
+    assert again.status == 200 and (await again.json())["taskId"] == first["taskId"]
+    # Concurrent retries: still one task.
+    answers = await asyncio.gather(
+        *(
+            client.post("/server/queue/add", json=body, headers={**key["headers"], **idem})
+            for _ in range(5)
+        )
+    )
+    assert {(await r.json())["taskId"] for r in answers} == {first["taskId"]}
+
+    rows = await db.fetchall(
+        "SELECT task_id FROM tasks WHERE api_key_id = (SELECT id FROM api_keys"
+        " WHERE api_name = %s)",
+        (key["api_name"],),
+    )
+    assert [r["task_id"] for r in rows] == [first["taskId"]]
+    assert [e["event_type"] for e in await events(db, first["taskId"])] == ["task.added"]
+
+    changed = await client.post(
+        "/server/queue/add",
+        json={"data": {"a": 2}, "expiryDate": when},
+        headers={**key["headers"], **idem},
+    )
+    assert changed.status == 409
+    assert (await changed.json())["code"] == "IDEMPOTENCY_CONFLICT"
+    # Keys are scoped per API key: another client may use the same Idempotency-Key.
+    theirs = await add(client, other, when, body["data"], headers=idem)
+    assert theirs["taskId"] != first["taskId"]
+    # Without the header every request is a new task.
+    plain = [(await add(client, key, when, body["data"]))["taskId"] for _ in range(2)]
+    assert len(set(plain)) == 2
+
+
+async def test_duplicate_timers_fire_exactly_once(client: Client, make_key: Any) -> None:
+    """Timer messages may arrive many times (and race the reconciler): one EXPIRED event."""
+    key = await make_key()
+    db, broker = db_of(client), client.app[BROKER]
+    task_id = (await add(client, key, in_ms(300)))["taskId"]
+    row = await task_row(db, task_id)
+    due_ms = tasks.epoch_ms(row["expire_at"])
+    await asyncio.gather(
+        *(
+            broker.publish(ExpireTask(task_id=task_id, due_at_ms=due_ms), message_id=task_id)
+            for _ in range(10)
+        ),
+        *(tasks.expire_tasks(db, broker, [task_id], source="reconciler") for _ in range(3)),
+    )
+    await wait_status(db, task_id, "EXPIRED", timeout=5)
+    await asyncio.sleep(1.5)  # the original timer (~300 ms) and the duplicates have arrived
+    assert [e["event_type"] for e in await events(db, task_id)] == ["task.added", "task.expired"]
+
+
+async def test_reconciler_fires_a_task_whose_timer_was_never_published(
+    client: Client, make_key: Any, settings: Settings
+) -> None:
+    """A row committed but no timer (a lost publish): the registered sweep fires it anyway."""
+    key = await make_key()
+    db = db_of(client)
+    key_id = (await db.fetchone("SELECT id FROM api_keys WHERE api_name = %s", (key["api_name"],)))[
+        "id"
+    ]
+    task_id = new_record_id()
+    overdue = utcnow() - timedelta(seconds=settings.RECONCILE_GRACE_SECONDS + 1)
+    await db.execute(
+        "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"
+        " VALUES (%s, %s, %s, %s, %s)",
+        (task_id, key_id, '{"lost": true}', tasks.to_db_time(overdue.replace(tzinfo=UTC)), overdue),
+    )
+    row = await wait_status(
+        db, task_id, "EXPIRED", timeout=settings.RECONCILE_INTERVAL_SECONDS + 10
+    )
+    assert row["fired_by"] == "reconciler"
+    [event] = await events(db, task_id)
+    assert event["event_type"] == "task.expired"
+    assert event["payload"] == {
+        "queue_id": task_id,
+        "expire_data": iso(row["expire_at"].replace(tzinfo=UTC)),
+        "event": "EXPIRED",
+        "data": {"lost": True},
+    }
+
+
+async def test_openapi_documents_the_task_routes(client: Client) -> None:
+    doc = await (await client.get("/openapi.json")).json()
+    for path in ("/server/queue/add", "/server/queue/remove", "/server/queue/get"):
+        assert doc["paths"][path]["post"]["security"] == [{"bearer": []}]
+    add_responses = doc["paths"]["/server/queue/add"]["post"]["responses"]
+    assert {"200", "400", "401", "403", "409", "413", "422"} <= set(add_responses)
+
+
+@pytest.mark.skipif(not HAS_CALLBACKS_WORKER, reason="the callbacks worker is not registered yet")
+async def test_callbacks_reach_the_receiver(
+    client: Client, make_key: Any, receiver: Receiver
+) -> None:
+    key = await make_key(return_api=receiver.url("/tasks"))
+    due = in_ms(1500)
+    expired_id = (await add(client, key, due, {"k": "v"}))["taskId"]
+    removed_id = (await add(client, key, in_ms(3_600_000), {"r": 1}))["taskId"]
+    resp = await client.post(
+        "/server/queue/remove", json={"queue_id": removed_id}, headers=key["headers"]
+    )
+    assert resp.status == 200
+    got = await receiver.wait_for("/tasks", 4, timeout=20)
+    bodies = [r.json() for r in got]
+    by_task: dict[str, list[str]] = {}
+    for body in bodies:
+        by_task.setdefault(body["queue_id"], []).append(body["event"])
+    assert by_task[expired_id] == ["ADD", "EXPIRED"]
+    assert by_task[removed_id] == ["ADD", "REMOVE"]
+    expired = next(b for b in bodies if b["event"] == "EXPIRED")
+    assert expired == {
+        "queue_id": expired_id,
+        "expire_data": iso(due),
+        "event": "EXPIRED",
+        "data": {"k": "v"},
+    }
+    assert all(r.headers.get("Authorization", "").startswith("Bearer ") for r in got)
+
+
+# ----------------------------------------------------------------------------- small-unit rig
+
+UNIT_MS = 50
+LEVELS = 6  # one pass: 63 units = 3150 ms
+RIG_LATE_MS = 600  # a few ms per hop on an idle broker; generous for a busy CI machine
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+async def rig(migrated: Settings) -> AsyncIterator[Client]:
+    """A second service (gateway, expiry worker, reconciler) with a 50 ms unit, own vhost."""
+    vhost = f"{migrated.MYSQL_DB}_rig_{secrets.token_hex(3)}"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    rig_settings = migrated.model_copy(
+        update={
+            "RABBITMQ_URL": SecretStr(f"{AMQP_BASE}/{vhost}"),
+            "DELAY_UNIT_MS": UNIT_MS,
+            "DELAY_LEVELS": LEVELS,
+            "RECONCILE_GRACE_SECONDS": 2.0,
+            "RECONCILE_INTERVAL_SECONDS": 0.5,
+        }
+    )
+    names = ["expiry", "reconciler"] + (["callbacks"] if HAS_CALLBACKS_WORKER else [])
+    app = create_app(rig_settings, workers=names)
+    try:
+        async with TestServer(app) as server, TestClient(server) as rig_client:
+            rig_client.vhost = vhost  # type: ignore[attr-defined]
+            yield rig_client
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+async def test_every_cascade_level_end_to_end(rig: Client, make_key: Any) -> None:
+    key = await make_key()
+    db = db_of(rig)
+    max_units = (1 << LEVELS) - 1
+    offsets_units: dict[str, float] = {f"level{lv}": 1 << lv for lv in range(LEVELS)}
+    offsets_units |= {
+        "now": 0,
+        "sub-unit": 0.4,
+        "many-bits": 0b101101 + 0.3,  # 45.3 units: four levels plus a held rest
+        "maximum": max_units,
+        "beyond-one-pass": max_units + 20.5,  # arrives after one pass, re-published for 20 units
+    }
+    start = datetime.now(UTC)
+    created = await asyncio.gather(
+        *(
+            add(rig, key, start + timedelta(milliseconds=UNIT_MS * units + 200), {"case": name})
+            for name, units in offsets_units.items()
+        )
+    )
+    ids = {name: answer["taskId"] for name, answer in zip(offsets_units, created, strict=True)}
+
+    rows = {}
+    for name, task_id in ids.items():
+        rows[name] = await wait_status(db, task_id, "EXPIRED", timeout=15)
+    for name, row in rows.items():
+        late_ms = (row["expired_at"] - row["expire_at"]).total_seconds() * 1000
+        assert 0 <= late_ms <= RIG_LATE_MS, (name, late_ms)
+        assert row["fired_by"] == "timer", name
+        assert [e["event_type"] for e in await events(db, ids[name])] == [
+            "task.added",
+            "task.expired",
+        ], name
+
+
+async def test_purged_timer_is_fired_by_the_reconciler(rig: Client, make_key: Any) -> None:
+    """Drop the timer message on purpose (purge its level queue): the task still fires once."""
+    key = await make_key()
+    db = db_of(rig)
+    units = 40  # 0b101000: enters at level 5 (1.6 s), then level 3
+    task_id = (await add(rig, key, in_ms(units * UNIT_MS + 20)))["taskId"]
+    connection = await aio_pika.connect(f"{AMQP_BASE}/{rig.vhost}")  # type: ignore[attr-defined]
+    try:
+        channel = await connection.channel()
+        level5 = await channel.get_queue("qs.delay.05", ensure=False)
+        purged = await level5.purge()
+        assert purged.message_count >= 1
+    finally:
+        await connection.close()
+    row = await wait_status(db, task_id, "EXPIRED", timeout=15)
+    assert row["fired_by"] == "reconciler"
+    late = (row["expired_at"] - row["expire_at"]).total_seconds()
+    assert late >= 2.0  # RECONCILE_GRACE_SECONDS of the rig
+    assert Counter(e["event_type"] for e in await events(db, task_id)) == Counter(
+        {"task.added": 1, "task.expired": 1}
+    )

@@ -1,0 +1,201 @@
+"""The `expiry` worker: consumes ExpireTask timers and expires tasks in batches.
+
+A timer message arrives up to one cascade unit before its due time (publishers round the delay
+down); the handler holds that sub-unit rest with a short sleep, then hands the task id to the
+batcher. The batcher collects ids for a few milliseconds and expires them in one transaction
+(`PENDING -> EXPIRED` plus one EXPIRED event each); only then is each message acked. A message
+that arrives more than one unit early (a delay longer than one pass of the cascade, or clock
+skew) is re-published for the rest, as a fresh message without `x-death`.
+
+The reconciler's sweep (`sweep_overdue_tasks`) fires tasks whose timer never came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import timedelta
+
+import structlog
+
+from schemas.messages import Command, ExpireTask
+from shared import tasks
+from shared.callbacks import publish_events
+from shared.db import utcnow
+from shared.delay import remaining_ms
+from workers.consumer import QueueConsumer, Reject
+from workers.runtime import Context
+
+log = structlog.get_logger("expiry")
+
+DESTINATION = ExpireTask.DESTINATION
+# Batches in flight at once: enough to overlap one batch's commit with the next one's
+# collection without taking every connection of the pool.
+MAX_CONCURRENT_BATCHES = 4
+MAX_PUBLISHING_BATCHES = 8
+SWEEP_BATCH = 500
+# One sweep handles at most this many batches, so it never holds the reconciler lock for long;
+# the next sweep carries on.
+SWEEP_MAX_BATCHES = 20
+
+_Waiter = tuple[str, asyncio.Future[bool]]
+
+
+class ExpiryBatcher:
+    """Collects task ids from concurrent handlers and expires them one transaction per batch."""
+
+    def __init__(self, ctx: Context, *, size: int, wait_s: float) -> None:
+        self._ctx = ctx
+        self._size = size
+        self._wait_s = wait_s
+        self._queue: asyncio.Queue[_Waiter] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_BATCHES)
+        # Batches whose callbacks are being published at once; beyond that, flushes wait
+        # (back-pressure instead of an unbounded pile of publishes).
+        self._publishing = asyncio.Semaphore(MAX_PUBLISHING_BATCHES)
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._collect(), name="expiry-batcher")
+
+    async def close(self) -> None:
+        """Stop collecting; batches already being written finish first."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+
+    async def expire(self, task_id: str) -> bool:
+        """Expire `task_id` with the next batch; True if this call fired it (it was PENDING)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await self._queue.put((task_id, future))
+        return await future
+
+    async def _collect(self) -> None:
+        while True:
+            # Take a slot before forming the batch: while every slot is busy committing, ids
+            # pile up in the queue and the next batch takes them all. No added latency when
+            # idle, big batches under a storm.
+            await self._slots.acquire()
+            try:
+                first = await self._queue.get()
+            except BaseException:
+                self._slots.release()
+                raise
+            if self._wait_s > 0 and self._queue.qsize() + 1 < self._size:
+                await asyncio.sleep(self._wait_s)
+            batch = [first]
+            while len(batch) < self._size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            flush = asyncio.create_task(self._flush(batch))
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, batch: list[_Waiter]) -> None:
+        try:
+            expired = await self._expire(batch)
+        finally:
+            self._slots.release()
+        if expired is None or not expired.event_ids:
+            return
+        # The callbacks are published after the acks and outside the slot, so a slow broker
+        # does not hold back the next batch; if this process dies first, the callback
+        # reconciler publishes the committed events.
+        try:
+            async with self._publishing:
+                await publish_events(self._ctx.broker, expired.event_ids)
+        except Exception:
+            log.exception("expiry.callbacks_not_published", count=len(expired.event_ids))
+
+    async def _expire(self, batch: list[_Waiter]) -> tasks.Expired | None:
+        """Commit the batch, then settle every waiter (so its message is acked or retried)."""
+        started = time.perf_counter()
+        try:
+            expired = await tasks.expire_tasks_in_db(
+                self._ctx.db, [task_id for task_id, _ in batch], source="timer"
+            )
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return None
+        fired = set(expired.task_ids)
+        for task_id, future in batch:
+            if not future.done():  # a handler cancelled at shutdown left it behind
+                future.set_result(task_id in fired)
+        log.debug(
+            "expiry.batch",
+            size=len(batch),
+            fired=len(fired),
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return expired
+
+
+class ExpiryWorker:
+    """Consumes the `expiry` destination; scale out by running more copies."""
+
+    name = "expiry"
+
+    def __init__(self, ctx: Context) -> None:
+        settings = ctx.settings
+        self._ctx = ctx
+        self._unit_ms = ctx.broker.cascade.unit_ms
+        self._batcher = ExpiryBatcher(
+            ctx, size=settings.EXPIRY_BATCH_SIZE, wait_s=settings.EXPIRY_BATCH_WAIT_MS / 1000
+        )
+        self._consumer = QueueConsumer(
+            ctx,
+            name=self.name,
+            destination=DESTINATION,
+            handle=self.handle,
+            prefetch=settings.EXPIRY_PREFETCH,
+        )
+
+    async def start(self) -> None:
+        self._batcher.start()
+        await self._consumer.start()
+
+    async def stop(self, grace: float) -> None:
+        # The consumer first: its in-flight handlers wait on the batcher, which must still run.
+        await self._consumer.stop(grace)
+        await self._batcher.close()
+
+    async def handle(self, command: Command) -> None:
+        """One timer message: wait out the sub-unit rest, or re-publish a longer rest; expire."""
+        if not isinstance(command, ExpireTask):
+            raise Reject(f"{command.TYPE} does not belong on the expiry queue")
+        left = remaining_ms(command.due_at_ms, int(time.time() * 1000))
+        if left > self._unit_ms:
+            await self._republish(command)
+            return
+        if left > 0:
+            # Less than one unit (a second by default): far below the broker's consumer timeout.
+            await asyncio.sleep(left / 1000)
+        fired = await self._batcher.expire(command.task_id)
+        log.debug("task.timer", task_id=command.task_id, fired=fired)
+
+    async def _republish(self, command: ExpireTask) -> None:
+        # A removed or already fired task needs no timer for the rest of a long delay.
+        if not await tasks.is_pending(self._ctx.db, command.task_id):
+            return
+        await tasks.publish_timer(self._ctx.broker, command.task_id, command.due_at_ms)
+        log.info("task.timer_republished", task_id=command.task_id)
+
+
+async def sweep_overdue_tasks(ctx: Context) -> int:
+    """Fire PENDING tasks overdue by more than RECONCILE_GRACE_SECONDS (lost or late timers)."""
+    grace = timedelta(seconds=ctx.settings.RECONCILE_GRACE_SECONDS)
+    fired = 0
+    for _ in range(SWEEP_MAX_BATCHES):
+        due_before = utcnow() - grace
+        ids = await tasks.overdue_task_ids(ctx.db, due_before=due_before, limit=SWEEP_BATCH)
+        if ids:
+            fired += len(await tasks.expire_tasks(ctx.db, ctx.broker, ids, source="reconciler"))
+        if len(ids) < SWEEP_BATCH:
+            break
+    return fired
