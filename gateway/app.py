@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 
+import aiohttp
+import structlog
 from aiohttp import web
 
-from gateway.app_keys import BROKER, DB, ENDPOINTS, KEY_CACHE, SETTINGS
+from gateway.app_keys import BROKER, DB, ENDPOINTS, KEY_CACHE, SETTINGS, SNS_HTTP
 from gateway.auth import KeyCache
 from gateway.endpoints import install
 from gateway.middleware import access_log, auth, errors
 from gateway.routes import ENDPOINTS as ALL_ENDPOINTS
 from shared.resources import open_broker, open_database
 from shared.settings import Settings
+from shared.status import snapshot
+from shared.tracking import LiveSnsHttp
 from workers.runner import running
 from workers.runtime import Context
 
+log = structlog.get_logger("gateway")
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 # Room for multipart framing on top of MAX_UPLOAD_SIZE's payload.
 _MULTIPART_OVERHEAD = 64 * 1024
@@ -34,6 +41,34 @@ def _broker(setup: bool) -> CleanupCtx:
             yield
 
     return ctx
+
+
+async def _sns_http(app: web.Application) -> AsyncIterator[None]:
+    """The SNS client (certificates, confirmations), unless a test injected its own."""
+    if SNS_HTTP in app:
+        yield
+        return
+    async with aiohttp.ClientSession() as session:
+        app[SNS_HTTP] = LiveSnsHttp(session)
+        yield
+
+
+async def _status_refresher(app: web.Application) -> AsyncIterator[None]:
+    """Keep the fleet gauges (rows by status, queue depths) fresh for Prometheus scrapes."""
+
+    async def refresh() -> None:
+        while True:
+            try:
+                await snapshot(app[DB], app[BROKER])
+            except Exception as exc:  # a scrape shows stale numbers; /readyz shows why
+                log.warning("status.refresh_failed", error=str(exc))
+            await asyncio.sleep(app[SETTINGS].STATUS_REFRESH_SECONDS)
+
+    task = asyncio.create_task(refresh(), name="status-refresher")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _workers(names: Sequence[str]) -> CleanupCtx:
@@ -57,6 +92,8 @@ def create_app(
     app[ENDPOINTS] = ALL_ENDPOINTS
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_broker(setup_broker))
+    app.cleanup_ctx.append(_sns_http)
+    app.cleanup_ctx.append(_status_refresher)
     if workers:
         app.cleanup_ctx.append(_workers(workers))
     install(app, ALL_ENDPOINTS)

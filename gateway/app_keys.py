@@ -8,9 +8,11 @@ from gateway.auth import KeyCache
 from shared.broker import Broker
 from shared.db import Database
 from shared.settings import Settings
+from shared.tracking import SnsHttp
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
 BROKER = web.AppKey("broker", Broker)
 KEY_CACHE = web.AppKey("key_cache", KeyCache)
 ENDPOINTS = web.AppKey("endpoints", list)
+SNS_HTTP = web.AppKey("sns_http", SnsHttp)

@@ -28,7 +28,7 @@ def configure_logging(settings: Settings) -> None:
     level = getattr(logging, settings.LOG_LEVEL)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
-        if settings.LOG_FORMAT == "json"
+        if settings.log_format == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(

@@ -25,3 +25,46 @@ MESSAGE_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
 )
 DEPENDENCY_UP = Gauge("qs_dependency_up", "1 when the dependency answered the last check", ["name"])
+
+# --- tasks ---------------------------------------------------------------------------------
+TASK_EXPIRY_LATENESS = Histogram(
+    "qs_task_expiry_lateness_seconds",
+    "Fire time minus due time of expired tasks, by the path that fired them",
+    ["source"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 300, 3600),
+)
+TASKS = Counter("qs_tasks_total", "Task state changes", ["event"])
+TASK_TIMER_PUBLISH_FAILED = Counter(
+    "qs_task_timer_publish_failed_total",
+    "Timer publishes not confirmed (the reconciler fires those tasks after the grace period)",
+)
+
+# --- email ---------------------------------------------------------------------------------
+EMAILS = Counter(
+    "qs_emails_total",
+    "Email outcomes: queued, sent, error, retried, throttled, duplicate, publish_deferred",
+    ["event", "type"],
+)
+EMAIL_SEND_SECONDS = Histogram(
+    "qs_email_send_seconds",
+    "Duration of one transport send call (SES SendEmail or the outbox write)",
+    ["transport"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+EMAIL_SLOT_WAIT_SECONDS = Histogram(
+    "qs_email_slot_wait_seconds",
+    "Time from asking the fleet-wide rate limiter for a send slot to the slot",
+    ["type"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+EMAIL_SLOTS_MISSED = Counter(
+    "qs_email_slots_missed_total",
+    "Send slots given up because this worker reached them too late to keep the rate",
+)
+EMAIL_RATE_FACTOR = Gauge(
+    "qs_email_rate_factor", "Share of the configured send rate in force (below 1 after throttling)"
+)
+
+# --- fleet state (refreshed periodically from MySQL and the broker: shared/status.py) -------
+ROWS_BY_STATUS = Gauge("qs_rows", "Tasks, emails and callback events by status", ["area", "status"])
+QUEUE_DEPTH = Gauge("qs_queue_depth", "Ready messages per RabbitMQ work queue", ["queue"])

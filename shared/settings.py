@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Literal
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Secrets shorter than these are refused at start: a guessable admin key or JWT salt would let
 # anyone manage keys or forge callbacks. 32 bytes is RFC 7518's minimum for an HS256 key.
@@ -24,7 +25,8 @@ class Settings(BaseSettings):
     SALT: SecretStr
     PORT: int = Field(3852, ge=1, le=65535)
     HOST: str = "0.0.0.0"  # noqa: S104 - a server listens on every interface by default
-    NODE_ENV: str = "dev"  # kept for compatibility; ENVIRONMENT is what this service reads
+    # The original's meaning: "dev", or "production" (blank also means production).
+    NODE_ENV: Literal["dev", "production", ""] = "dev"
     APP_NAME: str = "Day2Day Email/Queue Server"
     APP_URL: str = ""
     MAX_UPLOAD_SIZE: int = Field(25, ge=1, le=100, description="MB per request")
@@ -42,13 +44,12 @@ class Settings(BaseSettings):
     MYSQL_DB: str = "d2d_email_queue"
 
     # --- what the event-driven shape adds ---------------------------------------------
-    ENVIRONMENT: Literal["dev", "production"] = "dev"
     RABBITMQ_URL: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     MYSQL_POOL_SIZE: int = Field(10, ge=1, le=200)
     EMAIL_TRANSPORT: Literal["outbox", "ses"] = "outbox"
     EMAIL_OUTBOX_DIR: str = "outbox"
     AWS_ENDPOINT_URL: str = ""
-    LOG_FORMAT: Literal["json", "console"] = "console"
+    LOG_FORMAT: Literal["json", "console", ""] = ""  # blank: json in production, else console
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The delay cascade: level n holds a message for DELAY_UNIT_MS * 2**n.
     DELAY_UNIT_MS: int = Field(1000, ge=1, le=60_000)
@@ -59,14 +60,110 @@ class Settings(BaseSettings):
     RECONCILE_INTERVAL_SECONDS: float = Field(5.0, gt=0, le=3600)
     # Work not done this long after it was due is treated as lost and re-published.
     RECONCILE_GRACE_SECONDS: float = Field(10.0, ge=1, le=3600)
+    # How often each gateway refreshes the fleet gauges (rows by status, queue depths).
+    STATUS_REFRESH_SECONDS: float = Field(15.0, ge=1, le=3600)
 
     # --- callbacks -----------------------------------------------------------------------
+    # Seconds to wait before each delivery attempt, comma-separated; the first is the first
+    # attempt (0: at once). When the last attempt fails, the delivery is FAILED.
+    CALLBACK_RETRY_SCHEDULE: Annotated[tuple[float, ...], NoDecode] = (
+        0, 5, 300, 1800, 7200, 18000, 36000, 36000
+    )  # fmt: skip
+    CALLBACK_TIMEOUT_SECONDS: float = Field(10.0, gt=0, le=300)
+    # Deliveries in flight per worker process (the consumer's prefetch).
+    CALLBACK_CONCURRENCY: int = Field(64, ge=1, le=5000)
+    # Of those, at most this many for one key, so one slow receiver cannot take every slot.
+    CALLBACK_PER_KEY_CONCURRENCY: int = Field(16, ge=1, le=5000)
+    # A 429/503 `Retry-After` is honoured up to this many seconds.
+    CALLBACK_RETRY_AFTER_MAX_SECONDS: float = Field(3600.0, ge=0, le=86_400)
+    # Destination networks (CIDRs, comma-separated) checked on the address actually connected
+    # to. Empty allow list = anywhere not denied. Link-local (incl. 169.254.169.254) is always
+    # denied; private ranges and loopback are allowed unless listed here.
+    CALLBACK_ALLOW_NETWORKS: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = ()
+    CALLBACK_DENY_NETWORKS: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = ()
 
     # --- tasks ---------------------------------------------------------------------------
+    # Largest `data` object of one task, counted as compact UTF-8 JSON.
+    TASK_MAX_DATA_BYTES: int = Field(65_536, ge=2, le=1_048_576)
+    # Timer messages one expiry worker holds at once; a high value lets an expiry storm flow.
+    EXPIRY_PREFETCH: int = Field(5_000, ge=1, le=65_535)
+    # The expiry worker expires due tasks in batches of up to this many per transaction
+    # (batches form by themselves while earlier ones commit)...
+    EXPIRY_BATCH_SIZE: int = Field(500, ge=1, le=10_000)
+    # ...optionally waiting this long for more once the first one is ready (adds latency).
+    EXPIRY_BATCH_WAIT_MS: float = Field(0.0, ge=0, le=1_000)
 
     # --- email ---------------------------------------------------------------------------
+    # SendEmail commands one email worker holds per queue (transactional and promotional).
+    EMAIL_PREFETCH: int = Field(32, ge=1, le=1000)
+    # Transient send failures (timeouts, 5xx) before an email is ERROR; throttling never counts.
+    EMAIL_MAX_ATTEMPTS: int = Field(6, ge=1, le=50)
+    EMAIL_RETRY_BASE_MS: float = Field(2000, ge=100, le=600_000)
+    # How long a worker's claim on an email lasts; a claim older than this (worker died
+    # mid-send) may be taken over, which is the one place an email can go out twice.
+    EMAIL_LEASE_SECONDS: float = Field(90, ge=10, le=3600)
+    # Send slots are spaced (1 s + margin) / rate apart; a request not on the wire within
+    # margin/2 of its slot is not made, and the other half covers the trip to SES. So no
+    # one-second window ever holds more than the rate (see shared/ratelimit.py). Costs
+    # margin/(1 s + margin) of the rate; raise it where the network to SES is jittery.
+    EMAIL_RATE_MARGIN_MS: float = Field(15, ge=1, le=1000)
+    # Promotional mail books send slots at most this far ahead, transactional mail up to
+    # EMAIL_SLOT_MAX_WAIT_SECONDS: a transactional email waits behind at most this much.
+    EMAIL_PROMOTIONAL_HORIZON_MS: float = Field(250, ge=10, le=60_000)
+    # A worker waiting longer than this for a slot hands the email back for a later retry.
+    EMAIL_SLOT_MAX_WAIT_SECONDS: float = Field(10, ge=1, le=600)
+    # After SES throttling the fleet's rate is halved; it doubles again every cooldown.
+    EMAIL_THROTTLE_COOLDOWN_SECONDS: float = Field(30, ge=1, le=3600)
+    # "Daily message quota exceeded": the whole fleet pauses sending this long.
+    EMAIL_QUOTA_PAUSE_SECONDS: float = Field(600, ge=1, le=86_400)
+    # AWS_SES_SEND_LIMIT_PER_SEC=auto: how often each worker re-reads MaxSendRate (>= 1 s).
+    EMAIL_QUOTA_REFRESH_SECONDS: float = Field(300, ge=1, le=86_400)
+    # A QUEUED email whose command was confirmed but not handled for this long is re-published
+    # (covers a message lost by the broker; duplicates are harmless).
+    EMAIL_STALE_QUEUED_SECONDS: float = Field(3600, ge=10, le=7 * 86_400)
+    SES_CONNECT_TIMEOUT_SECONDS: float = Field(5, gt=0, le=120)
+    SES_READ_TIMEOUT_SECONDS: float = Field(30, gt=0, le=600)
+
+    @field_validator("AWS_SES_SEND_LIMIT_PER_SEC")
+    @classmethod
+    def _send_limit(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value == "auto":
+            return value
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = -1
+        if not 0 < rate <= 1_000_000:
+            raise ValueError('must be a number of emails per second (> 0) or "auto"')
+        return value
+
+    @property
+    def ses_send_limit(self) -> float | None:
+        """The configured send rate per second, or None for `auto` (SES MaxSendRate)."""
+        value = self.AWS_SES_SEND_LIMIT_PER_SEC
+        return None if value == "auto" else float(value)
 
     # --- email tracking ------------------------------------------------------------------
+    # Comma-separated SNS topic ARNs whose messages are accepted (empty: none are).
+    SNS_TOPIC_ARNS: str = ""
+    SNS_MAX_AGE_SECONDS: int = Field(3600, ge=60, le=86_400)
+    SNS_MAX_BODY_BYTES: int = Field(256 * 1024, ge=1024, le=10 * 1024 * 1024)
+
+    @field_validator("CALLBACK_RETRY_SCHEDULE", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> Any:
+        delays = [float(x) for x in _comma_separated(value)]
+        if not 1 <= len(delays) <= 50 or delays[0] != 0:
+            raise ValueError("give 1 to 50 delays in seconds, the first one 0")
+        if any(not 0 <= d <= 7 * 86_400 for d in delays):
+            raise ValueError("each delay must be between 0 and 604800 seconds")
+        return tuple(delays)
+
+    @field_validator("CALLBACK_ALLOW_NETWORKS", "CALLBACK_DENY_NETWORKS", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        return tuple(ip_network(x, strict=False) for x in _comma_separated(value))
 
     @field_validator("ADMIN_API_KEY")
     @classmethod
@@ -78,9 +175,28 @@ class Settings(BaseSettings):
     def _strong_salt(cls, value: SecretStr) -> SecretStr:
         return _at_least(value, MIN_SALT_LENGTH)
 
+    @property
+    def is_production(self) -> bool:
+        return self.NODE_ENV != "dev"
+
+    @property
+    def log_format(self) -> str:
+        return self.LOG_FORMAT or ("json" if self.is_production else "console")
+
+    @property
+    def sns_topics(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.SNS_TOPIC_ARNS.split(",") if t.strip())
+
     @cached_property
     def max_upload_bytes(self) -> int:
         return self.MAX_UPLOAD_SIZE * 1024 * 1024
+
+
+def _comma_separated(value: Any) -> list[Any]:
+    """`"a, b,c"` from the environment, or a list/tuple given in code, as a list of items."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return list(value)
 
 
 def _at_least(value: SecretStr, length: int) -> SecretStr:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidTag
@@ -11,6 +12,7 @@ from cryptography.exceptions import InvalidTag
 from shared import crypto, ids
 from shared.durations import DurationError, expiry_after
 from shared.logs import _redact
+from shared.settings import Settings
 
 START = datetime(2024, 1, 31, 12, 0, 0)
 
@@ -73,3 +75,10 @@ def test_webhook_secret_encryption_round_trips_and_is_bound_to_salt() -> None:
     assert crypto.decrypt(salt, stored) == secret
     with pytest.raises(InvalidTag):
         crypto.decrypt("another-salt-0123456789abcdef-xyz", stored)
+
+
+def test_every_setting_is_documented_in_env_template() -> None:
+    template = (Path(__file__).parent.parent / ".env.template").read_text()
+    documented = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", template, flags=re.MULTILINE))
+    missing = set(Settings.model_fields) - documented
+    assert not missing, f"document in .env.template: {sorted(missing)}"

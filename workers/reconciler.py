@@ -27,7 +27,17 @@ Sweep = Callable[[Context], Awaitable[int]]
 
 def registered_sweeps() -> dict[str, Sweep]:
     """Every concern's sweep, by name (imported here so the registry has one home)."""
-    return {}
+    from workers.callbacks import sweep_overdue
+    from workers.email import sweep_emails
+    from workers.expiry import sweep_overdue_tasks
+    from workers.ses_events import sweep_sns_messages
+
+    return {
+        "tasks": sweep_overdue_tasks,
+        "callbacks": sweep_overdue,
+        "emails": sweep_emails,
+        "ses-events": sweep_sns_messages,
+    }
 
 
 class Reconciler:

@@ -3,6 +3,26 @@
 from __future__ import annotations
 
 from gateway.endpoints import Endpoint
-from gateway.routes import api_keys, system
+from gateway.routes import (
+    admin,
+    api_keys,
+    callbacks,
+    emails,
+    suppressions,
+    system,
+    tasks,
+    templates,
+    tracking,
+)
 
-ENDPOINTS: list[Endpoint] = [*system.table.endpoints, *api_keys.table.endpoints]
+ENDPOINTS: list[Endpoint] = [
+    *system.table.endpoints,
+    *api_keys.table.endpoints,
+    *tracking.table.endpoints,
+    *suppressions.table.endpoints,
+    *tasks.table.endpoints,
+    *callbacks.table.endpoints,
+    *templates.table.endpoints,
+    *emails.table.endpoints,
+    *admin.table.endpoints,
+]

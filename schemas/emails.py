@@ -1,0 +1,102 @@
+"""HTTP bodies of the email routes (contract sections "Email Templates", "Send an email",
+"Email Records")."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_serializer
+
+from schemas.api_keys import iso_utc
+from schemas.common import Body, Ok
+
+EmailType = Literal["TRANSACTIONAL", "PROMOTIONAL"]
+EmailStatus = Literal["QUEUED", "PROCESSING", "SENT", "ERROR"]
+
+# --- templates ----------------------------------------------------------------------------
+
+
+class TemplateUpload(BaseModel):
+    """multipart/form-data: one `.html` file (text/html, at most 500 KiB) in the field `html`."""
+
+    html: bytes = Field(description="welcome-email.html -> template `welcome-email`")
+
+
+class TemplateSaved(Ok):
+    template: str = Field(description='The stored name as a file: "welcome-email.html"')
+    replaced: bool = Field(description="True when a template of that name existed before")
+
+
+class ListTemplates(Body):
+    page: int = Field(1, ge=1, le=1_000_000)
+    limit: int = Field(5, ge=5, le=50)
+
+
+class TemplateList(Ok):
+    templates: list[str] = Field(description='Names as files: "welcome-email.html"')
+    count: int = Field(description="How many templates exist in all")
+    total_pages: int
+
+
+class RemoveTemplate(Body):
+    fileName: str = Field(min_length=1, max_length=110, description="With or without .html")
+
+
+# --- queueing -----------------------------------------------------------------------------
+
+
+class EmailForm(BaseModel):
+    """multipart/form-data fields of `POST /server/email/add` (`template` or `text` required)."""
+
+    shortName: str = Field(max_length=998, description="The sender's display name")
+    email: str = Field(max_length=320, description="Recipient")
+    sendEmail: str = Field(max_length=320, description="From address (verified in SES)")
+    replyEmail: str = Field(max_length=320, description="Reply-To address")
+    subject: str = Field(max_length=998)
+    data: str = Field("{}", description="JSON object with the template's values")
+    text: str | None = Field(None, description="Plain-text body (placeholders filled too)")
+    template: str | None = Field(None, description="Template name, without .html")
+    type: EmailType = "TRANSACTIONAL"
+    files: list[bytes] = Field(
+        default_factory=list, max_length=10, description="Attachments (contract's MIME list)"
+    )
+
+
+class Queued(Ok):
+    queue_id: str
+
+
+# --- records ------------------------------------------------------------------------------
+
+
+class FetchSpecific(Body):
+    email_ids: list[str] = Field(min_length=1, max_length=20)
+
+
+class FetchPage(Body):
+    page: int = Field(1, ge=1, le=1_000_000)
+    amount: int = Field(20, ge=1, le=50)
+
+
+class EmailRecord(BaseModel):
+    email_id: str
+    email: str
+    send_email: str
+    subject: str
+    data: str = Field(description="The template data as a JSON string")
+    open: bool
+    created_at: datetime
+    updated_at: datetime
+    attachments: int
+    api_key: str = Field(description="The key that queued it, masked")
+    status: str
+    type: EmailType
+
+    @field_serializer("created_at", "updated_at")
+    def _iso(self, value: datetime) -> str | None:
+        return iso_utc(value)
+
+
+class EmailRecords(Ok):
+    result: list[EmailRecord]

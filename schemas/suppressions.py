@@ -1,0 +1,37 @@
+"""HTTP bodies of the suppression-list routes (admin)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field, field_serializer
+
+from schemas.api_keys import iso_utc
+from schemas.common import Body, Ok
+
+
+class ListSuppressions(Body):
+    page: int = Field(1, ge=1, le=1_000_000)
+    limit: int = Field(20, ge=1, le=100)
+
+
+class Suppression(BaseModel):
+    email: str
+    reason: str
+    detail: str | None
+    source_email_id: str | None
+    created_at: datetime
+
+    @field_serializer("created_at")
+    def _iso(self, value: datetime) -> str | None:
+        return iso_utc(value)
+
+
+class SuppressionPage(Ok):
+    suppressions: list[Suppression]
+    count: int
+    total_pages: int
+
+
+class RemoveSuppression(Body):
+    email: str = Field(min_length=3, max_length=320)

@@ -1,0 +1,230 @@
+"""Pure logic of callback delivery: both signatures (checked with the public libraries receivers
+use), the outbound network policy, the retry decision and Retry-After parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from ipaddress import ip_network
+
+import jwt
+import pytest
+from pydantic import ValidationError
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from shared import callbacks
+from shared.crypto import new_webhook_secret
+from shared.settings import Settings
+from shared.signing import verify_callback_token
+from shared.webhooks import (
+    DestinationRefused,
+    NetworkPolicy,
+    Signer,
+    parse_retry_after,
+    standard_signature,
+)
+from workers.callbacks import Batcher
+
+SALT = "a-test-salt-that-is-long-enough-0123456789"
+BODY = json.dumps({"queue_id": "q1", "event": "ADD", "data": {"a": 1}}, separators=(",", ":"))
+
+
+def signed(now: float | None = None, secret: str | None = None) -> tuple[dict[str, str], str]:
+    secret = secret or new_webhook_secret()
+    headers = Signer(SALT, 3).headers(
+        body=BODY.encode(), event_id="evt_1", key_name="billing", webhook_secret=secret, now=now
+    )
+    return headers, secret
+
+
+def bearer(headers: dict[str, str]) -> str:
+    scheme, _, token = headers["Authorization"].partition(" ")
+    assert scheme == "Bearer"
+    return token
+
+
+def test_jwt_verifies_with_pyjwt_and_is_bound_to_event_and_body() -> None:
+    headers, _ = signed()
+    claims = jwt.decode(bearer(headers), SALT, algorithms=["HS256"], issuer="queue-server")
+    assert claims["sub"] == "billing" and claims["jti"] == "evt_1"
+    assert claims["exp"] - claims["iat"] == 3 * 3600
+    assert claims["body_sha256"] == hashlib.sha256(BODY.encode()).hexdigest()
+    assert verify_callback_token(SALT, bearer(headers), body=BODY.encode())["jti"] == "evt_1"
+    with pytest.raises(jwt.InvalidTokenError, match="another body"):
+        verify_callback_token(SALT, bearer(headers), body=BODY.replace("ADD", "REMOVE").encode())
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(bearer(headers), SALT + "x", algorithms=["HS256"])
+
+
+def test_expired_jwt_fails() -> None:
+    headers, _ = signed(now=time.time() - 4 * 3600)
+    with pytest.raises(jwt.ExpiredSignatureError):
+        jwt.decode(bearer(headers), SALT, algorithms=["HS256"])
+
+
+def test_standard_webhooks_signature_verifies_with_the_reference_library() -> None:
+    headers, secret = signed()
+    assert headers["webhook-id"] == "evt_1"
+    assert Webhook(secret).verify(BODY.encode(), headers) == json.loads(BODY)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret).verify(BODY.replace("1", "2").encode(), headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new_webhook_secret()).verify(BODY.encode(), headers)
+    stale, secret = signed(now=time.time() - 600)
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        Webhook(secret).verify(BODY.encode(), stale)
+
+
+def test_signature_matches_the_libraries_own_signing() -> None:
+    secret = new_webhook_secret()
+    when = datetime(2024, 10, 1, 12, 0, tzinfo=UTC)
+    expected = Webhook(secret).sign("evt_9", when, BODY)
+    assert standard_signature(secret, "evt_9", int(when.timestamp()), BODY.encode()) == expected
+
+
+def test_no_secret_means_jwt_only() -> None:
+    headers = Signer(SALT, 1).headers(
+        body=b"{}", event_id="evt_2", key_name="k", webhook_secret=None
+    )
+    assert "webhook-signature" not in headers and headers["webhook-id"] == "evt_2"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "169.254.169.254",
+        "169.254.1.1",
+        "::ffff:169.254.169.254",
+        "fe80::1%eth0",
+        "fd00:ec2::254",
+        "0.0.0.0",
+        "::",
+        "224.0.0.1",
+    ],
+)
+def test_link_local_and_metadata_are_always_refused(address: str) -> None:
+    permissive = NetworkPolicy(allow=(ip_network("0.0.0.0/0"), ip_network("::/0")))
+    with pytest.raises(DestinationRefused, match="destination refused"):
+        permissive.check(address)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "10.1.2.3", "192.168.0.5", "8.8.8.8"])
+def test_private_and_loopback_are_allowed_by_default(address: str) -> None:
+    NetworkPolicy().check(address)
+
+
+def test_deny_and_allow_lists() -> None:
+    policy = NetworkPolicy(deny=(ip_network("10.0.0.0/8"),))
+    assert "CALLBACK_DENY_NETWORKS" in (policy.refusal("10.9.9.9") or "")
+    assert "CALLBACK_DENY_NETWORKS" in (policy.refusal("::ffff:10.0.0.1") or "")
+    assert policy.refusal("11.0.0.1") is None
+    allow_only = NetworkPolicy(allow=(ip_network("192.0.2.0/24"),), deny=(ip_network("192.0.2.7"),))
+    assert allow_only.refusal("192.0.2.1") is None
+    assert "CALLBACK_DENY_NETWORKS" in (allow_only.refusal("192.0.2.7") or "")
+    assert "CALLBACK_ALLOW_NETWORKS" in (allow_only.refusal("198.51.100.1") or "")
+
+
+def test_socket_factory_checks_the_address_it_connects_to() -> None:
+    policy = NetworkPolicy(deny=(ip_network("203.0.113.0/24"),))
+    tcp = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+    with pytest.raises(DestinationRefused):
+        policy.socket_factory((*tcp, ("203.0.113.9", 80)))
+    with pytest.raises(DestinationRefused):
+        policy.socket_factory((*tcp, ("169.254.169.254", 80)))
+    sock = policy.socket_factory((*tcp, ("127.0.0.1", 80)))
+    sock.close()
+
+
+SCHEDULE = (0.0, 5.0, 300.0)
+
+
+def decide(step: int, status: int | None, retry_after: float | None = None) -> callbacks.Outcome:
+    return callbacks.decide(
+        SCHEDULE, step, status_code=status, retry_after=retry_after, retry_after_max=60
+    )
+
+
+def test_decide_success_gone_and_exhaustion() -> None:
+    assert decide(0, 204).status == callbacks.DELIVERED
+    assert decide(1, 410).status == callbacks.GONE
+    for status in (None, 301, 400, 500):
+        assert decide(2, status).status == callbacks.FAILED
+    assert decide(2, 500).label == callbacks.FAILED
+
+
+def test_decide_retries_with_jitter_through_the_schedule() -> None:
+    for _ in range(50):
+        outcome = decide(0, 503)
+        assert outcome.status == callbacks.PENDING and outcome.label == callbacks.RETRY
+        assert outcome.step == 1 and 4.0 <= outcome.delay_seconds <= 6.0
+    assert 240 <= decide(1, None).delay_seconds <= 360
+
+
+def test_decide_honours_retry_after_within_bounds() -> None:
+    assert 2.0 <= decide(0, 429, retry_after=2).delay_seconds <= 2.2
+    assert 60 <= decide(0, 429, retry_after=10_000).delay_seconds <= 66
+    assert decide(0, 429, retry_after=2).step == 1
+
+
+def test_parse_retry_after() -> None:
+    now = datetime(2024, 10, 1, 12, 0, tzinfo=UTC)
+    assert parse_retry_after("120") == 120
+    assert (
+        parse_retry_after(format_datetime(now + timedelta(seconds=30), usegmt=True), now=now) == 30
+    )
+    assert (
+        parse_retry_after(format_datetime(now - timedelta(seconds=30), usegmt=True), now=now) == 0
+    )
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+def test_schedule_and_networks_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = {"ADMIN_API_KEY": "admin-key-0123456789abcdef", "SALT": SALT}
+    parsed = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        CALLBACK_RETRY_SCHEDULE="0, 1.5,60",
+        CALLBACK_DENY_NETWORKS="10.0.0.1/8, fd00::/8",
+        **base,
+    )
+    assert parsed.CALLBACK_RETRY_SCHEDULE == (0, 1.5, 60)
+    denied = [str(n) for n in parsed.CALLBACK_DENY_NETWORKS]
+    assert denied == ["10.0.0.0/8", "fd00::/8"]
+    monkeypatch.setenv("CALLBACK_RETRY_SCHEDULE", "0,5,300")
+    assert Settings(_env_file=None, **base).CALLBACK_RETRY_SCHEDULE == (0, 5, 300)  # type: ignore[call-arg]
+    for bad in ("5,10", "", "0,-1", "0,x"):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, CALLBACK_RETRY_SCHEDULE=bad, **base)  # type: ignore[call-arg]
+
+
+async def test_batcher_groups_items_that_arrive_during_a_flush() -> None:
+    flushed: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        flushed.append(items)
+        await asyncio.sleep(0.01)
+        return [i * 2 for i in items]
+
+    batcher: Batcher[int, int] = Batcher(flush, limit=3, parallel=1)
+    assert await asyncio.gather(*(batcher.submit(i) for i in range(7))) == [i * 2 for i in range(7)]
+    assert flushed == [[0, 1, 2], [3, 4, 5], [6]]
+    # Alone, an item is flushed at once; and one submitted right after a drain ended (its task
+    # done but not yet forgotten) is still flushed.
+    assert await batcher.submit(8) == 16
+    async with asyncio.timeout(1):
+        assert await batcher.submit(9) == 18
+    assert flushed[-2:] == [[8], [9]]
+
+
+async def test_batcher_hands_a_failed_flush_to_every_submitter() -> None:
+    async def flush(items: list[int]) -> list[int]:
+        raise RuntimeError("MySQL went away")
+
+    batcher: Batcher[int, int] = Batcher(flush, limit=10, parallel=1)
+    outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)

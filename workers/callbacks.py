@@ -1,0 +1,296 @@
+"""The `callbacks` worker: POSTs each event to its key's return_api until it arrives.
+
+A thin AMQP adapter (QueueConsumer) around `handle`: claim the event, POST it signed, record the
+attempt, and schedule the next one through the delay cascade. Many deliveries run at once
+(CALLBACK_CONCURRENCY); one key may hold only CALLBACK_PER_KEY_CONCURRENCY of them, so a receiver
+that hangs slows only its own key. The worker never sleeps on a message: waiting is always a
+message parked in the cascade. Claims and results reach MySQL in batches (see `Batcher`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Generic, TypeVar
+
+import aiohttp
+import structlog
+from cryptography.exceptions import InvalidTag
+
+from schemas.messages import Command, DeliverCallback
+from shared import callbacks, crypto, webhooks
+from shared.broker import BrokerUnavailable
+from shared.callbacks import Claim, Delivery, Finished
+from shared.db import utcnow
+from workers.consumer import QueueConsumer, Reject, Retry, backoff_ms
+from workers.runtime import Context
+
+log = structlog.get_logger("callbacks")
+
+# A claim outlives the attempt's timeout by this much: room for the attempt's own bookkeeping.
+LEASE_MARGIN_SECONDS = 5.0
+# A key at its in-flight limit has its extra events re-queued after a backoff that grows with
+# each deferral (capped), so a huge backlog for a hung receiver does not spin through the broker.
+BUSY_BASE_MS = 500.0
+BUSY_CAP_MS = 30_000.0
+# Events claimed or finished in one MySQL batch, at most; and batches in flight at once.
+BATCH_LIMIT = 200
+BATCH_PARALLEL = 1
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Batcher(Generic[T, R]):
+    """Runs `flush` over everything submitted while earlier flushes ran (`parallel` at a time).
+
+    Alone, an item is flushed at once (nothing waits for a batch to fill); under load, the items
+    arriving during one transaction share the next, so MySQL commits once per batch instead of
+    once per delivery. `flush` returns one result per item, in order.
+    """
+
+    def __init__(
+        self,
+        flush: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        limit: int,
+        parallel: int,
+    ) -> None:
+        self._flush = flush
+        self._limit = limit
+        self._parallel = parallel
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._drainers: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        # A drainer that has finished may not have left the set yet (its done-callback runs
+        # later), and it will take nothing more: count only the running ones.
+        if sum(not d.done() for d in self._drainers) < self._parallel:
+            drainer = asyncio.create_task(self._drain())
+            self._drainers.add(drainer)
+            drainer.add_done_callback(self._drainers.discard)
+        return await future
+
+    async def wait_idle(self, within: float) -> None:
+        """Let the flushes under way finish (bounded), so none is cut off at shutdown."""
+        if self._drainers:
+            await asyncio.wait(self._drainers, timeout=within)
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch = self._waiting[: self._limit]
+            del self._waiting[: self._limit]
+            try:
+                results = list(await self._flush([item for item, _ in batch]))
+                if len(results) != len(batch):
+                    raise RuntimeError("a batch flush returned the wrong number of results")
+            except Exception as exc:  # every submitter gets the error (e.g. MySQL down)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():  # a submitter cancelled meanwhile (worker stopping)
+                    future.set_result(result)
+
+
+class CallbackWorker:
+    """One consumer of `qs.callbacks` with one shared HTTP session."""
+
+    name = "callbacks"
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        settings = ctx.settings
+        self._policy = webhooks.NetworkPolicy(
+            allow=settings.CALLBACK_ALLOW_NETWORKS, deny=settings.CALLBACK_DENY_NETWORKS
+        )
+        self._signer = webhooks.Signer(settings.SALT.get_secret_value(), settings.JWT_EXP_HRS)
+        self._lease = settings.CALLBACK_TIMEOUT_SECONDS + LEASE_MARGIN_SECONDS
+        self._in_flight: Counter[int] = Counter()
+        self._session: aiohttp.ClientSession | None = None
+        self._claims: Batcher[str, Claim] = Batcher(
+            self._claim, limit=BATCH_LIMIT, parallel=BATCH_PARALLEL
+        )
+        self._finishes: Batcher[Finished, bool] = Batcher(
+            self._finish, limit=BATCH_LIMIT, parallel=BATCH_PARALLEL
+        )
+        self._consumer = QueueConsumer(
+            ctx,
+            name=self.name,
+            destination=DeliverCallback.DESTINATION,
+            handle=self.handle,
+            prefetch=settings.CALLBACK_CONCURRENCY,
+        )
+
+    async def start(self) -> None:
+        settings = self._ctx.settings
+        self._session = webhooks.new_session(
+            self._policy,
+            limit=settings.CALLBACK_CONCURRENCY,
+            timeout=settings.CALLBACK_TIMEOUT_SECONDS,
+        )
+        await self._consumer.start()
+
+    async def stop(self, grace: float) -> None:
+        """Stop consuming, let deliveries in flight finish within `grace`, close the session.
+
+        A delivery cut off here stays claimed until its lease ends; the broker hands its
+        unacknowledged message to another worker, which waits out the lease and sends it.
+        """
+        try:
+            await self._consumer.stop(grace)
+            for batcher in (self._claims, self._finishes):
+                await batcher.wait_idle(max(grace, 1.0))
+        finally:
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
+
+    async def handle(self, command: Command) -> None:
+        """The consumer's handler: one `callback.deliver` command.
+
+        Its log lines carry the consumer's `message_id`, which is the event id.
+        """
+        if not isinstance(command, DeliverCallback):
+            raise Reject(f"unexpected {command.TYPE} on the callbacks queue")
+        claim = await self._claims.submit(command.event_id)
+        delivery = claim.delivery
+        if delivery is None:
+            log.warning("callback.unknown_event", event_id=command.event_id)
+            return
+        if not claim.claimed:
+            self._not_claimed(delivery)
+            return
+        key = delivery.api_key_id
+        if self._in_flight[key] >= self._ctx.settings.CALLBACK_PER_KEY_CONCURRENCY:
+            await self._defer(delivery, command.attempt)
+        self._in_flight[key] += 1
+        try:
+            await self._deliver(delivery)
+        finally:
+            self._in_flight[key] -= 1
+            if self._in_flight[key] <= 0:
+                del self._in_flight[key]
+
+    def _not_claimed(self, delivery: Delivery) -> None:
+        """The event may not be sent now: finished, not yet due, or leased to another attempt."""
+        if delivery.status == callbacks.SENDING:
+            # Another worker holds it, or one that died did (this may be its message coming
+            # back from the broker): look again once the lease has run out.
+            raise Retry(max(0, delivery.due_in_ms) + BUSY_BASE_MS, "leased by another attempt")
+        # Finished, or PENDING with a later due time that another message (or the reconciler)
+        # carries, or a duplicate of a message being handled right now: nothing to do.
+        log.debug("callback.skipped", status=delivery.status, due_in_ms=delivery.due_in_ms)
+
+    async def _defer(self, delivery: Delivery, deferrals: int) -> None:
+        """The key already has its share of deliveries in flight: give the claim back, retry."""
+        delay_ms = backoff_ms(deferrals, base_ms=BUSY_BASE_MS, cap_ms=BUSY_CAP_MS)
+        await callbacks.release(self._ctx.db, delivery, delay_seconds=delay_ms / 1000)
+        raise Retry(delay_ms, "key at its in-flight limit")
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        settings = self._ctx.settings
+        started_at = utcnow()
+        try:
+            headers = self._headers(delivery)
+        except InvalidTag:
+            log.error("callback.secret_unreadable", api_key_id=delivery.api_key_id)
+            error = "webhook secret unreadable (SALT changed?); not delivered"
+            result = webhooks.AttemptResult(status_code=None, latency_ms=0, error=error)
+            gave_up = callbacks.Outcome(callbacks.FAILED, delivery.schedule_step)
+            await self._record(delivery, result, started_at, gave_up)
+            return
+        result = await webhooks.post(
+            self._session_or_fail(),
+            delivery.return_api or "",
+            delivery.payload.encode(),
+            headers,
+            timeout_seconds=settings.CALLBACK_TIMEOUT_SECONDS,
+        )
+        await self._record(delivery, result, started_at)
+
+    def _headers(self, delivery: Delivery) -> dict[str, str]:
+        secret = None
+        if delivery.webhook_secret_enc:
+            secret = crypto.decrypt(self._signer.salt, delivery.webhook_secret_enc)
+        return self._signer.headers(
+            body=delivery.payload.encode(),
+            event_id=delivery.event_id,
+            key_name=delivery.key_name or "",
+            webhook_secret=secret,
+        )
+
+    async def _record(
+        self,
+        delivery: Delivery,
+        result: webhooks.AttemptResult,
+        started_at: datetime,
+        outcome: callbacks.Outcome | None = None,
+    ) -> None:
+        """Log the attempt, move the event on (if still ours) and schedule its next attempt."""
+        settings = self._ctx.settings
+        if outcome is None:
+            outcome = callbacks.decide(
+                settings.CALLBACK_RETRY_SCHEDULE,
+                delivery.schedule_step,
+                status_code=result.status_code,
+                retry_after=result.retry_after,
+                retry_after_max=settings.CALLBACK_RETRY_AFTER_MAX_SECONDS,
+            )
+        attempt = callbacks.AttemptLog(
+            attempted_at=started_at,
+            url=delivery.return_api or "",
+            status_code=result.status_code,
+            latency_ms=result.latency_ms,
+            error=result.error,
+            response_body=result.response_body,
+        )
+        held = await self._finishes.submit(Finished(delivery, outcome, attempt))
+        log.info(
+            "callback.attempt",
+            event_id=delivery.event_id,
+            attempt=delivery.attempts,
+            outcome=outcome.label if held else "superseded",
+            status_code=result.status_code,
+            ms=result.latency_ms,
+            error=result.error,
+        )
+        if held and outcome.status == callbacks.PENDING:
+            await self._schedule(delivery.event_id, outcome.delay_seconds)
+
+    async def _schedule(self, event_id: str, delay_seconds: float) -> None:
+        try:
+            await self._ctx.broker.publish(
+                DeliverCallback(event_id=event_id),
+                delay_ms=delay_seconds * 1000,
+                message_id=event_id,
+            )
+        except BrokerUnavailable as exc:
+            # The row says when the attempt is due; the reconciler re-publishes it if overdue.
+            log.warning("callback.schedule_deferred", error=str(exc))
+
+    async def _claim(self, event_ids: list[str]) -> list[Claim]:
+        return await callbacks.claim_batch(self._ctx.db, event_ids, lease_seconds=self._lease)
+
+    async def _finish(self, finished: list[Finished]) -> list[bool]:
+        return await callbacks.finish_batch(self._ctx.db, finished)
+
+    def _session_or_fail(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("the callbacks worker is not started")
+        return self._session
+
+
+async def sweep_overdue(ctx: Context) -> int:
+    """The reconciler's sweep: re-publish events whose attempt is overdue (lost publish or timer,
+    or a worker that died holding the lease)."""
+    ids = await callbacks.requeue_overdue(
+        ctx.db, grace_seconds=ctx.settings.RECONCILE_GRACE_SECONDS
+    )
+    await callbacks.publish_events(ctx.broker, ids)
+    return len(ids)

@@ -1,0 +1,315 @@
+"""The `email` worker: claims a queued email, builds it, waits for a fleet-wide send slot, sends.
+
+It consumes both email queues. Transactional mail is never stuck behind promotional mail: the
+queues are separate, and the shared rate limiter lets promotional sends book slots only a
+short way ahead while transactional ones go first (shared/ratelimit.py).
+
+Per command: claim (QUEUED -> PROCESSING, PROCESSING callback on the first claim) -> render
+and build the raw MIME -> send slot -> transport -> SENT with the provider's message id, or
+ERROR (permanent rejection, or transient failures exhausted), or back to QUEUED with a delayed
+retry (throttling, transient failure, no slot in time). The message is acked only after that
+state change is committed; a worker killed mid-way leaves the command unacked (redelivered)
+and the claim expires after EMAIL_LEASE_SECONDS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+import structlog
+
+from schemas.messages import Command, SendEmail
+from shared import emails, metrics
+from shared.callbacks import publish_events
+from shared.mime import SES_MAX_RAW_BYTES, MimeError, build_raw_message, render_template
+from shared.ratelimit import Grant, Priority, SendRateLimiter, SlotTimeout
+from shared.templates import TemplateCache, render_text
+from shared.transports import (
+    SEND_GATE,
+    EmailTransport,
+    OutgoingEmail,
+    SendFailure,
+    SlotMissed,
+    create_transport,
+)
+from workers.consumer import QueueConsumer, Reject, Retry, backoff_ms
+from workers.runtime import Context
+
+log = structlog.get_logger("worker.email")
+
+# AWS_SES_SEND_LIMIT_PER_SEC=auto with a transport that has no quota (the outbox).
+DEFAULT_RATE = 10.0
+# Messages bigger than this are built in a thread so the event loop keeps other slots on time.
+BUILD_IN_THREAD_BYTES = 256 * 1024
+QUOTA_MIN_INTERVAL_S = 1.0  # GetSendQuota allows one call per second
+
+
+class Unsendable(Exception):
+    """The stored email cannot become a message (template removed, MIME error, too big)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.error = {"code": code, "message": message}
+
+
+class EmailWorker:
+    """Both email queues of one process, one transport, one front of the shared rate limiter."""
+
+    name = "email"
+
+    def __init__(self, ctx: Context, transport: EmailTransport | None = None) -> None:
+        s = ctx.settings
+        self._ctx = ctx
+        self._transport = transport or create_transport(s)
+        self._templates = TemplateCache(ctx.db)
+        self._limiter = SendRateLimiter(
+            ctx.db,
+            self._current_rate,
+            margin_s=s.EMAIL_RATE_MARGIN_MS / 1000,
+            promo_horizon_s=s.EMAIL_PROMOTIONAL_HORIZON_MS / 1000,
+            max_wait_s=s.EMAIL_SLOT_MAX_WAIT_SECONDS,
+            cooldown_s=s.EMAIL_THROTTLE_COOLDOWN_SECONDS,
+            quota_pause_s=s.EMAIL_QUOTA_PAUSE_SECONDS,
+        )
+        self._consumers = [
+            QueueConsumer(
+                ctx,
+                name=f"email-{kind.lower()}",
+                destination=emails.DESTINATIONS[kind],
+                handle=self._handler(priority),
+                prefetch=s.EMAIL_PREFETCH,
+            )
+            for kind, priority in (
+                (emails.TRANSACTIONAL, Priority.TRANSACTIONAL),
+                (emails.PROMOTIONAL, Priority.PROMOTIONAL),
+            )
+        ]
+        self._quota: tuple[float, float] | None = None  # (MaxSendRate, monotonic time read)
+        self._quota_tried = float("-inf")
+
+    async def start(self) -> None:
+        await self._transport.start()
+        try:
+            await self._limiter.start()
+            for consumer in self._consumers:
+                await consumer.start()
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def stop(self, grace: float) -> None:
+        """Stop consuming, let in-flight sends finish within `grace`, then close the transport."""
+        await asyncio.gather(*(c.stop(grace) for c in self._consumers), return_exceptions=True)
+        await self._limiter.stop()
+        await self._transport.close()
+
+    def _handler(self, priority: Priority) -> Any:
+        async def handle(command: Command) -> None:
+            if not isinstance(command, SendEmail):
+                raise Reject(f"not an email command: {command.TYPE}")
+            structlog.contextvars.bind_contextvars(email_id=command.email_id)
+            try:
+                await self.process(command.email_id, priority)
+            finally:
+                structlog.contextvars.unbind_contextvars("email_id")
+
+        return handle
+
+    # --- one email ---------------------------------------------------------------------
+
+    async def process(self, email_id: str, priority: Priority) -> None:
+        """Handle one SendEmail command (the plain handler the consumer adapts)."""
+        db, info = self._ctx.db, self._transport.info()
+        outcome = await emails.claim(
+            db, email_id, lease_s=self._ctx.settings.EMAIL_LEASE_SECONDS, info=info
+        )
+        if isinstance(outcome, emails.Skip):
+            if outcome.reason == "busy":  # another worker holds it; look again after its lease
+                raise Retry(outcome.retry_in * 1000 + 1000, "claimed by another worker")
+            metrics.EMAILS.labels("duplicate", "").inc()
+            log.info("email.skipped", reason=outcome.reason)
+            return
+        await publish_events(self._ctx.broker, outcome.event_ids)
+        try:
+            message = await self._build(outcome)
+        except Unsendable as exc:
+            await self._finish_error(outcome, exc.error)
+            return
+        message_id = await self._send_in_slot(outcome, message, priority)
+        if message_id is not None:
+            await self._finish_sent(outcome, message_id)
+
+    async def _send_in_slot(
+        self, claimed: emails.Claim, message: OutgoingEmail, priority: Priority
+    ) -> str | None:
+        """Wait for a slot and send; returns the provider's message id, None when handled."""
+        asked: float | None = time.monotonic()
+        while True:
+            try:
+                grant = await self._slot(priority, len(message.raw))
+            except SlotTimeout as exc:
+                await self._release(claimed, exc.retry_after, None, failed=False, why="no slot")
+                return None
+            except asyncio.CancelledError:
+                # Stopping before the message left: hand it back so the redelivery sends it now.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(emails.release(self._ctx.db, claimed, retry_in=0))
+                raise
+            if asked is not None:
+                metrics.EMAIL_SLOT_WAIT_SECONDS.labels(priority.name).observe(
+                    time.monotonic() - asked
+                )
+                asked = None
+            try:
+                return await self._send_gated(claimed, message, grant)
+            except SlotMissed:
+                # The request was built too late to leave within its slot: nothing was sent.
+                metrics.EMAIL_SLOTS_MISSED.inc()
+
+    async def _slot(self, priority: Priority, size: int) -> Grant:
+        """A usable slot: booked, waited for, and reached in time (otherwise book another)."""
+        while True:
+            grant = await self._limiter.acquire(priority, size_bytes=size)
+            if await grant.wait():
+                return grant
+            metrics.EMAIL_SLOTS_MISSED.inc()
+
+    async def _send_gated(
+        self, claimed: emails.Claim, message: OutgoingEmail, grant: Grant
+    ) -> str | None:
+        started = time.perf_counter()
+        gate = SEND_GATE.set(grant.usable)
+        try:
+            return await self._transport.send(message)
+        except SendFailure as failure:
+            await self._on_failure(claimed, failure)
+            return None
+        finally:
+            SEND_GATE.reset(gate)
+            metrics.EMAIL_SEND_SECONDS.labels(self._transport.name).observe(
+                time.perf_counter() - started
+            )
+
+    async def _on_failure(self, claimed: emails.Claim, failure: SendFailure) -> None:
+        s = self._ctx.settings
+        log.warning("email.send_failed", kind=failure.kind, code=failure.code)
+        if failure.kind in ("throttled", "quota"):
+            quota = failure.kind == "quota"
+            await self._limiter.throttled(daily_quota=quota)
+            metrics.EMAILS.labels("throttled", claimed.row["type"]).inc()
+            delay = s.EMAIL_QUOTA_PAUSE_SECONDS if quota else backoff_ms(0) / 1000
+            await self._release(claimed, delay, failure.as_dict(), failed=False, why=failure.code)
+            return
+        if failure.kind == "permanent":
+            await self._finish_error(claimed, failure.as_dict())
+            return
+        failures = int(claimed.row["failures"]) + 1
+        if failures >= s.EMAIL_MAX_ATTEMPTS:
+            await self._finish_error(claimed, {**failure.as_dict(), "attempts": failures})
+            return
+        delay = backoff_ms(failures - 1, base_ms=s.EMAIL_RETRY_BASE_MS) / 1000
+        await self._release(claimed, delay, failure.as_dict(), failed=True, why=failure.code)
+
+    async def _release(
+        self,
+        claimed: emails.Claim,
+        delay_s: float,
+        error: dict[str, Any] | None,
+        *,
+        failed: bool,
+        why: str,
+    ) -> None:
+        """Back to QUEUED and retry the command after `delay_s` (raises Retry)."""
+        if not await emails.release(
+            self._ctx.db, claimed, retry_in=delay_s, error=error, failed=failed
+        ):
+            return  # the claim was lost (lease expired, taken over): the new owner carries on
+        metrics.EMAILS.labels("retried", claimed.row["type"]).inc()
+        raise Retry(delay_s * 1000, why)
+
+    async def _finish_sent(self, claimed: emails.Claim, message_id: str) -> None:
+        aws_data = {"MessageId": message_id, **self._transport.info()}
+        event_ids = await emails.mark_sent(self._ctx.db, claimed, message_id, aws_data)
+        log.info("email.sent", message_id=message_id)
+        await publish_events(self._ctx.broker, event_ids)
+
+    async def _finish_error(self, claimed: emails.Claim, error: dict[str, Any]) -> None:
+        info = self._transport.info()
+        event_ids = await emails.mark_error(self._ctx.db, claimed, error, info)
+        log.warning("email.error", code=error.get("code"), reason=error.get("message"))
+        await publish_events(self._ctx.broker, event_ids)
+
+    # --- building ----------------------------------------------------------------------
+
+    async def _build(self, claimed: emails.Claim) -> OutgoingEmail:
+        row = claimed.row
+        data = json.loads(row["data"])
+        html = None
+        if row["template"]:
+            template = await self._templates.get(row["template"])
+            if template is None:
+                raise Unsendable("TemplateNotFound", f"template {row['template']!r} was removed")
+            html = render_template(template, data)
+        text = render_text(row["body_text"], data) if row["body_text"] is not None else None
+        files = await emails.load_attachments(self._ctx.db, row["id"]) if row["attachments"] else []
+        kwargs: dict[str, Any] = {
+            "from_name": row["short_name"],
+            "from_addr": row["send_email"],
+            "to_addr": row["recipient"],
+            "reply_to": row["reply_email"],
+            "subject": row["subject"],
+            "text": text,
+            "html": html,
+            "attachments": files,
+            "message_id_domain": row["send_email"].rpartition("@")[2],
+            "email_id": row["email_id"],
+            "config_set": self._ctx.settings.AWS_CONFIG_SET_NAME or None,
+        }
+        try:
+            if sum(len(f.data) for f in files) > BUILD_IN_THREAD_BYTES:
+                raw = await asyncio.to_thread(build_raw_message, **kwargs)
+            else:
+                raw = build_raw_message(**kwargs)
+        except MimeError as exc:
+            raise Unsendable("InvalidMessage", str(exc)) from exc
+        if len(raw) > SES_MAX_RAW_BYTES:
+            raise Unsendable("MessageTooLarge", f"{len(raw)} bytes exceeds SES's limit")
+        return OutgoingEmail(row["email_id"], row["send_email"], row["recipient"], raw)
+
+    # --- the send rate -----------------------------------------------------------------
+
+    async def _current_rate(self) -> float:
+        """AWS_SES_SEND_LIMIT_PER_SEC, or with `auto` SES's MaxSendRate (cached)."""
+        s = self._ctx.settings
+        fixed = s.ses_send_limit
+        if fixed is not None:
+            return fixed
+        now = time.monotonic()
+        fresh = self._quota is not None and now - self._quota[1] < s.EMAIL_QUOTA_REFRESH_SECONDS
+        if self._quota is not None and (fresh or now - self._quota_tried < QUOTA_MIN_INTERVAL_S):
+            return self._quota[0]
+        self._quota_tried = now
+        try:
+            rate = await self._transport.max_send_rate()
+        except Exception as exc:
+            if self._quota is None:
+                raise
+            log.warning("email.quota_unavailable", error=str(exc))
+            return self._quota[0]
+        self._quota = (rate if rate and rate > 0 else DEFAULT_RATE, now)
+        return self._quota[0]
+
+
+async def sweep_emails(ctx: Context) -> int:
+    """Reconciler: re-publish emails whose command was never confirmed, lost, or whose worker
+    died holding them."""
+    rows = await emails.overdue(
+        ctx.db,
+        grace_s=ctx.settings.RECONCILE_GRACE_SECONDS,
+        stale_s=ctx.settings.EMAIL_STALE_QUEUED_SECONDS,
+    )
+    return await emails.republish(ctx.db, ctx.broker, rows)
