@@ -11,7 +11,7 @@ import hashlib
 import hmac
 from urllib.parse import quote
 
-# The smallest transparent 1x1 GIF (43 bytes).
+# A transparent 1x1 GIF (42 bytes).
 GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 _TAG_BYTES = 16
 

@@ -33,7 +33,7 @@ from gateway.app import create_app
 from gateway.app_keys import SNS_HTTP
 from shared.db import Database
 from shared.migrate import migrate
-from shared.pixel import pixel_token
+from shared.pixel import GIF, pixel_token
 from shared.settings import Settings
 from workers.registry import WORKERS
 
@@ -115,8 +115,15 @@ async def queue_email(story: Story, recipient: str) -> tuple[int, dict[str, Any]
         "text": "Hello there",
         "data": "{}",
     }
-    resp = await story.http.post("/server/email/add", data=form, headers=story.key)
+    resp = await story.http.post("/server/email/add", data=multipart(form), headers=story.key)
     return resp.status, await resp.json()
+
+
+def multipart(fields: dict[str, str]) -> aiohttp.FormData:
+    form = aiohttp.FormData(default_to_multipart=True)
+    for name, value in fields.items():
+        form.add_field(name, value)
+    return form
 
 
 async def row_when(story: Story, email_id: str, check: Any, timeout: float = 20) -> dict[str, Any]:
@@ -255,7 +262,7 @@ async def test_pixel_marks_the_first_open_and_refuses_forged_ids(story: Story) -
     token = pixel_token(story.settings.SALT.get_secret_value(), email_id)
     for _ in range(3):
         resp = await story.http.get("/identifier", params={"id": token})
-        assert resp.status == 200 and len(await resp.read()) == 43
+        assert resp.status == 200 and await resp.read() == GIF
     row = await row_when(story, email_id, lambda r: r["open_count"] == 3)
     assert row["opened"] == 1
     assert (await statuses_when(story, email_id, 3))[-1] == "OPEN"
@@ -280,7 +287,7 @@ async def test_sent_html_email_carries_the_signed_pixel(story: Story) -> None:
         "template": "tracked-mail",
         "data": json.dumps({"NAME": "Ann"}),
     }
-    resp = await story.http.post("/server/email/add", data=fields, headers=story.key)
+    resp = await story.http.post("/server/email/add", data=multipart(fields), headers=story.key)
     email_id = (await resp.json())["queue_id"]
     await row_when(story, email_id, lambda r: r["status"] == "SENT")
     token = pixel_token(story.settings.SALT.get_secret_value(), email_id)
