@@ -32,7 +32,7 @@ import structlog
 from email_validator import EmailNotValidError, validate_email
 
 from schemas.messages import SendEmail
-from shared import metrics
+from shared import metrics, suppressions
 from shared.broker import Broker, BrokerUnavailable
 from shared.callbacks import NewEvent, record_events
 from shared.db import Database, Row, utcnow
@@ -103,6 +103,13 @@ class BadIdempotencyKey(EmailError):
 class IdempotencyConflict(EmailError):
     status = 409
     code = "IDEMPOTENCY_CONFLICT"
+
+
+class Suppressed(EmailError):
+    """The recipient bounced permanently or complained before (shared/suppressions.py)."""
+
+    status = 422
+    code = "SUPPRESSED"
 
 
 @dataclass(frozen=True)
@@ -286,6 +293,8 @@ async def queue_email(
     """Validate against the store, insert, publish; an idempotent retry gets the same id."""
     idempotency_key = check_idempotency_key(idempotency_key)
     await check_renderable(db, email)
+    if await suppressions.suppressed_among(db, [email.recipient]):
+        raise Suppressed(f"{email.recipient} is on the suppression list (bounce or complaint)")
     fingerprint = email.fingerprint() if idempotency_key else None
     try:
         (email_id,) = await store_emails(
@@ -352,10 +361,11 @@ async def store_emails(
     async with db.transaction() as cur:
         await cur.executemany(_INSERT_EMAIL, rows)
         with_files = [(i, e) for i, e in zip(ids, emails, strict=True) if e.attachments]
-        if len(rows) == 1 and with_files:
-            pks = {ids[0]: int(cur.lastrowid)}
-        elif with_files:
-            pks = await _primary_keys(cur, [i for i, _ in with_files])
+        if with_files:
+            if len(rows) == 1:  # the common case (one HTTP request): no lookup needed
+                pks = {ids[0]: int(cur.lastrowid)}
+            else:
+                pks = await _primary_keys(cur, [i for i, _ in with_files])
             for email_id, e in with_files:
                 await _store_attachments(cur, pks[email_id], e.attachments)
     for e in emails:

@@ -26,6 +26,7 @@ from schemas.messages import Command, SendEmail
 from shared import emails, metrics
 from shared.callbacks import publish_events
 from shared.mime import SES_MAX_RAW_BYTES, MimeError, build_raw_message, render_template
+from shared.pixel import pixel_url
 from shared.ratelimit import Grant, Priority, SendRateLimiter, SlotTimeout
 from shared.templates import TemplateCache, render_text
 from shared.transports import (
@@ -268,6 +269,7 @@ class EmailWorker:
             "message_id_domain": row["send_email"].rpartition("@")[2],
             "email_id": row["email_id"],
             "config_set": self._ctx.settings.AWS_CONFIG_SET_NAME or None,
+            "tracking_pixel_url": self._pixel_url(row["email_id"]) if html else None,
         }
         try:
             if sum(len(f.data) for f in files) > BUILD_IN_THREAD_BYTES:
@@ -279,6 +281,11 @@ class EmailWorker:
         if len(raw) > SES_MAX_RAW_BYTES:
             raise Unsendable("MessageTooLarge", f"{len(raw)} bytes exceeds SES's limit")
         return OutgoingEmail(row["email_id"], row["send_email"], row["recipient"], raw)
+
+    def _pixel_url(self, email_id: str) -> str | None:
+        """The signed open-tracking pixel, when APP_URL says where this service is reachable."""
+        s = self._ctx.settings
+        return pixel_url(s.APP_URL, s.SALT.get_secret_value(), email_id) if s.APP_URL else None
 
     # --- the send rate -----------------------------------------------------------------
 
