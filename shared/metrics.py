@@ -68,3 +68,15 @@ EMAIL_RATE_FACTOR = Gauge(
 # --- fleet state (refreshed periodically from MySQL and the broker: shared/status.py) -------
 ROWS_BY_STATUS = Gauge("qs_rows", "Tasks, emails and callback events by status", ["area", "status"])
 QUEUE_DEPTH = Gauge("qs_queue_depth", "Ready messages per RabbitMQ work queue", ["queue"])
+
+# --- callbacks -----------------------------------------------------------------------------
+CALLBACK_ATTEMPTS = Counter(
+    "qs_callback_attempts_total",
+    "Callback delivery attempts by outcome (delivered, retry, failed, gone, superseded)",
+    ["outcome"],
+)
+CALLBACK_ATTEMPT_SECONDS = Histogram(
+    "qs_callback_attempt_seconds",
+    "Duration of one callback POST, from request to the receiver's answer (or the timeout)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)

@@ -82,3 +82,20 @@ def test_every_setting_is_documented_in_env_template() -> None:
     documented = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", template, flags=re.MULTILINE))
     missing = set(Settings.model_fields) - documented
     assert not missing, f"document in .env.template: {sorted(missing)}"
+
+
+def test_grafana_dashboard_uses_only_exported_metrics() -> None:
+    import json
+
+    from prometheus_client import generate_latest
+
+    import shared.metrics  # noqa: F401 - registers every metric
+
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "deploy/grafana/queue-server.json").read_text()
+    )
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    used = {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(r"qs_[a-z_]+", exprs)}
+    exported = generate_latest().decode()
+    missing = {name for name in used if f"# HELP {name} " not in exported}
+    assert not missing, f"dashboard refers to metrics nobody exports: {sorted(missing)}"

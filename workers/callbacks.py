@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Generic, TypeVar
 
@@ -20,8 +21,8 @@ import structlog
 from cryptography.exceptions import InvalidTag
 
 from schemas.messages import Command, DeliverCallback
-from shared import callbacks, crypto, webhooks
-from shared.broker import BrokerUnavailable
+from shared import callbacks, crypto, metrics, webhooks
+from shared.broker import BrokerUnavailable, cascade_for
 from shared.callbacks import Claim, Delivery, Finished
 from shared.db import utcnow
 from workers.consumer import QueueConsumer, Reject, Retry, backoff_ms
@@ -111,6 +112,9 @@ class CallbackWorker:
         )
         self._signer = webhooks.Signer(settings.SALT.get_secret_value(), settings.JWT_EXP_HRS)
         self._lease = settings.CALLBACK_TIMEOUT_SECONDS + LEASE_MARGIN_SECONDS
+        # A timer longer than one pass of the delay cascade would arrive early and find the
+        # event not yet due; waits are capped to one pass instead (8.5 years by default).
+        self._max_wait_ms = float(cascade_for(settings).max_ms)
         self._in_flight: Counter[int] = Counter()
         self._session: aiohttp.ClientSession | None = None
         self._claims: Batcher[str, Claim] = Batcher(
@@ -189,7 +193,9 @@ class CallbackWorker:
 
     async def _defer(self, delivery: Delivery, deferrals: int) -> None:
         """The key already has its share of deliveries in flight: give the claim back, retry."""
-        delay_ms = backoff_ms(deferrals, base_ms=BUSY_BASE_MS, cap_ms=BUSY_CAP_MS)
+        delay_ms = min(
+            backoff_ms(deferrals, base_ms=BUSY_BASE_MS, cap_ms=BUSY_CAP_MS), self._max_wait_ms
+        )
         await callbacks.release(self._ctx.db, delivery, delay_seconds=delay_ms / 1000)
         raise Retry(delay_ms, "key at its in-flight limit")
 
@@ -242,6 +248,8 @@ class CallbackWorker:
                 retry_after=result.retry_after,
                 retry_after_max=settings.CALLBACK_RETRY_AFTER_MAX_SECONDS,
             )
+        if outcome.delay_seconds * 1000 > self._max_wait_ms:
+            outcome = replace(outcome, delay_seconds=self._max_wait_ms / 1000)
         attempt = callbacks.AttemptLog(
             attempted_at=started_at,
             url=delivery.return_api or "",
@@ -251,6 +259,8 @@ class CallbackWorker:
             response_body=result.response_body,
         )
         held = await self._finishes.submit(Finished(delivery, outcome, attempt))
+        metrics.CALLBACK_ATTEMPTS.labels(outcome.label if held else "superseded").inc()
+        metrics.CALLBACK_ATTEMPT_SECONDS.observe(result.latency_ms / 1000)
         log.info(
             "callback.attempt",
             event_id=delivery.event_id,
