@@ -36,6 +36,7 @@ from shared import metrics, suppressions
 from shared.broker import Broker, BrokerUnavailable
 from shared.callbacks import NewEvent, record_events
 from shared.db import Database, Row, utcnow
+from shared.idempotency import KEY_RULE, valid_key
 from shared.ids import new_record_id
 from shared.mime import (
     SES_MAX_RAW_BYTES,
@@ -63,7 +64,6 @@ DESTINATIONS: dict[str, str] = {
 MAX_FILES = 10
 # Attachment bytes per row: far below any max_allowed_packet (base64 makes it 1.4 MB of SQL).
 CHUNK_BYTES = 1024 * 1024
-IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,254}$")
 # What an email id can look like (ids are ours; anything else cannot match a row).
 EMAIL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 _PUBLISH_BATCH = 500
@@ -188,8 +188,8 @@ def parse_data(raw: str) -> dict[str, Any]:
 
 
 def check_idempotency_key(value: str | None) -> str | None:
-    if value is not None and not IDEMPOTENCY_KEY_PATTERN.match(value):
-        raise BadIdempotencyKey("Idempotency-Key must be 1-255 printable ASCII characters")
+    if not valid_key(value):
+        raise BadIdempotencyKey(KEY_RULE)
     return value
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from shared import metrics
 from shared.broker import Broker, BrokerUnavailable
 from shared.callbacks import NewEvent, publish_events, record_events
 from shared.db import Database, Row, utcnow
+from shared.idempotency import KEY_RULE, valid_key
 from shared.ids import new_record_id
 
 log = structlog.get_logger(__name__)
@@ -43,7 +43,6 @@ EVENT_TYPES: dict[TaskEvent, str] = {
 MAX_YEARS_AHEAD = 10
 # DATETIME's range starts at year 1000; nothing sensible expires before the epoch anyway.
 EARLIEST_EXPIRY = datetime(1970, 1, 1)
-IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,254}$")
 # InnoDB deadlock / lock wait timeout: the transaction was rolled back and may simply be re-run.
 _RETRYABLE_LOCK_ERRORS = {1213, 1205}
 _LOCK_RETRIES = 3
@@ -146,10 +145,8 @@ def encode_data(data: dict[str, Any], max_bytes: int) -> str:
 
 
 def check_idempotency_key(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if not IDEMPOTENCY_KEY_PATTERN.match(value):
-        raise BadIdempotencyKey("Idempotency-Key must be 1-255 printable ASCII characters")
+    if not valid_key(value):
+        raise BadIdempotencyKey(KEY_RULE)
     return value
 
 
