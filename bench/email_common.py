@@ -53,6 +53,48 @@ def percentile(values: Sequence[float], pct: float) -> float:
     return ordered[max(1, math.ceil(pct / 100 * len(ordered))) - 1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pids_of(name: str) -> list[int]:
+    """Processes whose command name is `name` (mariadbd, beam.smp, moto_server)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+class CpuMeter:
+    """CPU seconds of named processes between start() and report(), as % of one core."""
+
+    def __init__(self, processes: dict[str, int]) -> None:
+        for name in ("mariadbd", "beam.smp"):
+            for pid in pids_of(name):
+                processes.setdefault(name, pid)
+        self.processes = processes
+        self._start: dict[str, float] = {}
+        self._wall = 0.0
+
+    def start(self) -> None:
+        self._wall = time.monotonic()
+        self._start = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
+
+    def report(self) -> str:
+        wall = time.monotonic() - self._wall
+        used = {n: cpu_seconds(p) - self._start[n] for n, p in self.processes.items()}
+        return "CPU (% of one core): " + ", ".join(
+            f"{name} {seconds / wall * 100:.0f}%" for name, seconds in used.items()
+        )
+
+
 def rabbitmqctl(*args: str, check: bool = True) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=check, capture_output=True, timeout=120)
 
@@ -76,8 +118,12 @@ class EmailBench:
         env = {**os.environ, **self.env, **extra_env}
         if port is not None:
             env |= {"PORT": str(port), "HOST": "127.0.0.1"}
-        log = (self.workdir / f"{args[0]}-{len(self.procs)}.log").open("ab")
-        proc = subprocess.Popen([EXE, *args], env=env, cwd=self.workdir, stdout=log, stderr=log)
+        name = f"{args[0]}-{len(self.procs)}"
+        log = (self.workdir / f"{name}.log").open("ab")
+        command = [EXE, *args]
+        if os.environ.get("BENCH_PROFILE"):  # cProfile each process; read with pstats
+            command = [sys.executable, "-m", "cProfile", "-o", f"{name}.prof", *command]
+        proc = subprocess.Popen(command, env=env, cwd=self.workdir, stdout=log, stderr=log)
         self.procs.append(proc)
         if port is not None:
             _wait_healthy(proc, f"http://127.0.0.1:{port}")
@@ -109,6 +155,9 @@ class EmailBench:
         return int(row["n"]) if row else 0
 
     def stop_processes(self) -> None:
+        print(
+            f"(logs{' and profiles' if os.environ.get('BENCH_PROFILE') else ''} in {self.workdir})"
+        )
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -188,4 +237,4 @@ async def wait_until(predicate: Any, within: float, interval: float = 0.2) -> No
         await asyncio.sleep(interval)
 
 
-__all__ += ["free_port", "wait_until"]
+__all__ += ["CpuMeter", "cpu_seconds", "free_port", "wait_until"]

@@ -22,9 +22,10 @@ A large message needs time on the wire, so a send may declare an `allowance`: it
 much later, and it pushes the next slot back by the same amount, which keeps the argument.
 
 The row lives on the database's clock (`SYSDATE(6)`, read after the row lock is held), which
-every worker shares whatever its own clock says. Each worker maps a slot to its monotonic
-clock right after reading the database time, and counts that query's round trip as possible
-lateness (it can only make a send later, never earlier).
+every worker shares whatever its own clock says. Each worker maps slots to its monotonic
+clock through bounds on the offset between the two clocks (`ClockMap`, from its recent reads)
+and counts the width of those bounds as lateness already spent (it can only make a send
+later, never earlier).
 
 Priority: transactional mail may book slots up to `max_wait` ahead; promotional mail only up
 to `promo_horizon` ahead. So promotional traffic can never fill more than `promo_horizon` of
@@ -64,6 +65,10 @@ CLOCK_STEP_US = 120 * US
 THROTTLE_PAUSE_US = US
 # Bytes per second assumed between "start the SES call" and "the request reaches SES".
 ALLOWANCE_BYTES_PER_S = 20_000_000
+# Clock offset estimates: reads kept this long, each widened by this drift (100 ppm is a
+# free-running crystal's worst case; NTP-disciplined clocks do far better).
+CLOCK_WINDOW_S = 5.0
+CLOCK_DRIFT = 100e-6
 
 
 class Priority(IntEnum):
@@ -202,6 +207,34 @@ class Grant:
 RateSource = Callable[[], Awaitable[float]]
 
 
+class ClockMap:
+    """Bounds on (database clock - this process's monotonic clock), in seconds.
+
+    One read of the database time taken between local times `before` and `after` says the
+    offset is within [db - after, db - before]. The intersection over recent reads (each
+    widened by the drift since it was taken) is as tight as the fastest of them, so a slow
+    round trip under load does not eat into the lateness a send may have.
+    """
+
+    def __init__(self) -> None:
+        self._reads: deque[tuple[float, float, float]] = deque()  # (after, low, high)
+
+    def add(self, db_s: float, before: float, after: float) -> tuple[float, float]:
+        """Record a read; returns the current (low, high) bounds of the offset."""
+        while self._reads and after - self._reads[0][0] > CLOCK_WINDOW_S:
+            self._reads.popleft()
+        self._reads.append((after, db_s - after, db_s - before))
+        low, high = -math.inf, math.inf
+        for taken, lo, hi in self._reads:
+            drift = CLOCK_DRIFT * (after - taken)
+            low, high = max(low, lo - drift), min(high, hi + drift)
+        if low > high:  # a clock was stepped: start over from this read
+            self._reads.clear()
+            self._reads.append((after, db_s - after, db_s - before))
+            low, high = db_s - after, db_s - before
+        return low, high
+
+
 @dataclass
 class _Waiter:
     priority: Priority
@@ -258,6 +291,7 @@ class SendRateLimiter:
         self._waiters: deque[_Waiter] = deque()
         self._wake = asyncio.Event()
         self._retry_hint = 0.0
+        self._clock = ClockMap()
         # The newest `throttled_us` this process has seen (its own throttles, or the row).
         self._version = 0
         self._task: asyncio.Task[None] | None = None
@@ -354,14 +388,16 @@ class SendRateLimiter:
         self._version = max(self._version, state.throttled_us)
         metrics.EMAIL_RATE_FACTOR.set(plan.state.factor)
         self._retry_hint = plan.retry_in_us / US
-        uncertainty = after - before
+        # Local time of a slot: slot - offset. `due` is its latest possible local time (so a
+        # send is never early); the spread of the offset bounds is lateness already spent.
+        low, high = self._clock.add(now_us / US, before, after)
         for waiter, slot in zip(waiters, plan.slots, strict=True):
             if slot is None:
                 continue
             self._waiters.remove(waiter)
             if not waiter.future.done():
-                due = after + (slot - now_us) / US
-                late = self._max_late + waiter.allowance_us / US - uncertainty
+                due = slot / US - low
+                late = self._max_late + waiter.allowance_us / US - (high - low)
                 grant = Grant(due, late, state.throttled_us, self._latest_version)
                 waiter.future.set_result(grant)
         return plan.retry_in_us / US + 0.001 if self._waiters else 0.0

@@ -14,10 +14,12 @@ from ses_emulator import max_in_window
 
 from shared.db import Database
 from shared.ratelimit import (
+    CLOCK_DRIFT,
     GRANT_LEAD_US,
     MIN_FACTOR,
     US,
     BucketState,
+    ClockMap,
     Limits,
     Priority,
     SendRateLimiter,
@@ -129,6 +131,23 @@ def test_no_window_ever_exceeds_the_rate_in_a_random_fleet() -> None:
         state = plan.state
         sends += [s + rng.randint(0, LIMITS.margin_us) for s in plan.slots if s is not None]
     assert max_in_window([s / US for s in sends]) <= rate
+
+
+def test_clock_bounds_are_as_tight_as_the_fastest_recent_read() -> None:
+    clock, offset = ClockMap(), 1000.0  # database clock = local + 1000 s
+    low, high = clock.add(offset + 10.0, 9.990, 10.030)  # a slow read: 40 ms of doubt
+    assert low <= offset <= high and high - low == pytest.approx(0.040)
+    low, high = clock.add(offset + 10.5001, 10.5, 10.5003)  # a fast one
+    assert low <= offset <= high and high - low < 0.0004 + 2 * CLOCK_DRIFT
+    low, high = clock.add(offset + 11.02, 11.0, 11.04)  # slow again: the fast one still counts
+    assert low <= offset <= high and high - low < 0.001
+
+
+def test_a_stepped_clock_resets_the_bounds() -> None:
+    clock = ClockMap()
+    clock.add(1000.0, 0.0, 0.001)
+    low, high = clock.add(2000.0, 1.0, 1.001)  # the database clock jumped by ~999 s
+    assert low <= 1999.0 <= high
 
 
 # --- the shared bucket in MySQL -------------------------------------------------------------

@@ -91,6 +91,7 @@ class EmailWorker:
         ]
         self._quota: tuple[float, float] | None = None  # (MaxSendRate, monotonic time read)
         self._quota_tried = float("-inf")
+        self._publishing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self._transport.start()
@@ -105,6 +106,8 @@ class EmailWorker:
     async def stop(self, grace: float) -> None:
         """Stop consuming, let in-flight sends finish within `grace`, then close the transport."""
         await asyncio.gather(*(c.stop(grace) for c in self._consumers), return_exceptions=True)
+        if self._publishing:
+            await asyncio.wait(self._publishing, timeout=max(grace, 1.0))
         await self._limiter.stop()
         await self._transport.close()
 
@@ -134,7 +137,7 @@ class EmailWorker:
             metrics.EMAILS.labels("duplicate", "").inc()
             log.info("email.skipped", reason=outcome.reason)
             return
-        await publish_events(self._ctx.broker, outcome.event_ids)
+        self._publish(outcome.event_ids)
         try:
             message = await self._build(outcome)
         except Unsendable as exc:
@@ -236,13 +239,32 @@ class EmailWorker:
         aws_data = {"MessageId": message_id, **self._transport.info()}
         event_ids = await emails.mark_sent(self._ctx.db, claimed, message_id, aws_data)
         log.info("email.sent", message_id=message_id)
-        await publish_events(self._ctx.broker, event_ids)
+        self._publish(event_ids)
 
     async def _finish_error(self, claimed: emails.Claim, error: dict[str, Any]) -> None:
         info = self._transport.info()
         event_ids = await emails.mark_error(self._ctx.db, claimed, error, info)
         log.warning("email.error", code=error.get("code"), reason=error.get("message"))
-        await publish_events(self._ctx.broker, event_ids)
+        self._publish(event_ids)
+
+    def _publish(self, event_ids: list[str]) -> None:
+        """Hand committed callback events to the callbacks worker without waiting for it.
+
+        They are already stored (the outbox), and a publish the broker does not confirm is
+        re-published by the callbacks sweep; waiting for the confirms (tens of ms each on
+        quorum queues) would only hold up the email pipeline. `stop()` waits for them.
+        """
+        if not event_ids:
+            return
+        task = asyncio.create_task(self._publish_quietly(event_ids))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def _publish_quietly(self, event_ids: list[str]) -> None:
+        try:
+            await publish_events(self._ctx.broker, event_ids)
+        except Exception as exc:  # the sweep publishes them later
+            log.warning("email.event_publish_failed", error=str(exc), count=len(event_ids))
 
     # --- building ----------------------------------------------------------------------
 
