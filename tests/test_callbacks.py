@@ -72,7 +72,7 @@ def own_ctx(client: Client, settings: Settings, own_vhost: str) -> OwnCtx:
     async def open_ctx(**overrides: Any) -> AsyncIterator[Context]:
         mine = settings.model_copy(update={"RABBITMQ_URL": SecretStr(own_vhost), **overrides})
         db = await Database.connect(mine)
-        broker = await Broker.connect(mine)
+        broker = await connect_broker(mine)
         try:
             await broker.setup()
             yield Context(mine, db, broker)
@@ -81,6 +81,18 @@ def own_ctx(client: Client, settings: Settings, own_vhost: str) -> OwnCtx:
             await db.close()
 
     return open_ctx
+
+
+async def connect_broker(settings: Settings) -> Broker:
+    """Connect, bounded: a broker caught mid-restart can accept the socket and never answer."""
+    for attempt in range(5):
+        try:
+            return await asyncio.wait_for(Broker.connect(settings), 10)
+        except (TimeoutError, ConnectionError, OSError):
+            if attempt == 4:
+                raise
+            await asyncio.sleep(2)
+    raise AssertionError("unreachable")
 
 
 @asynccontextmanager
