@@ -188,3 +188,24 @@ def gateway_process(
     service = start_service(base_env, "gateway", cwd=str(tmp_path_factory.mktemp("gw")))
     yield service
     service.stop()
+
+
+def db_rows(
+    settings: Settings, sql: str, args: tuple[Any, ...] | list[Any] = ()
+) -> list[dict[str, Any]]:
+    """Rows from the test database over a plain connection (checks behind the service's back)."""
+    conn = pymysql.connect(
+        host=settings.MYSQL_HOST,
+        port=settings.MYSQL_PORT,
+        user=settings.MYSQL_USER,
+        password=settings.MYSQL_PASS.get_secret_value(),
+        database=settings.MYSQL_DB,
+        cursorclass=pymysql.cursors.DictCursor,
+        autocommit=True,
+    )
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+    finally:
+        conn.close()

@@ -6,10 +6,10 @@ import re
 import time
 from typing import Any
 
-import pymysql
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from conftest import db_rows
 
 from shared.apikeys import hash_key
 from shared.settings import Settings
@@ -17,24 +17,6 @@ from shared.signing import callback_token
 
 Client = TestClient[web.Request, web.Application]
 KEY_SHAPE = re.compile(r"^[A-Za-z0-9]{5}-[A-Za-z0-9]{12}_[A-Za-z0-9]{8}\.[A-Za-z0-9]{20}$")
-
-
-def db_rows(settings: Settings, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    conn = pymysql.connect(
-        host=settings.MYSQL_HOST,
-        port=settings.MYSQL_PORT,
-        user=settings.MYSQL_USER,
-        password=settings.MYSQL_PASS.get_secret_value(),
-        database=settings.MYSQL_DB,
-        cursorclass=pymysql.cursors.DictCursor,
-        autocommit=True,
-    )
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            return list(cur.fetchall())
-    finally:
-        conn.close()
 
 
 async def test_create_returns_key_once_and_stores_only_a_hash(

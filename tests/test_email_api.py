@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pymysql
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import db_rows
 from receiver import Receiver
 
 from gateway.app import create_app
@@ -37,26 +37,6 @@ TEMPLATE = (
 )
 PDF = b"%PDF-1.4\n" + os.urandom(3000) + b"\n%%EOF"
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(2000)
-
-
-def db_rows(
-    settings: Settings, sql: str, args: tuple[Any, ...] | list[Any] = ()
-) -> list[dict[str, Any]]:
-    conn = pymysql.connect(
-        host=settings.MYSQL_HOST,
-        port=settings.MYSQL_PORT,
-        user=settings.MYSQL_USER,
-        password=settings.MYSQL_PASS.get_secret_value(),
-        database=settings.MYSQL_DB,
-        cursorclass=pymysql.cursors.DictCursor,
-        autocommit=True,
-    )
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            return list(cur.fetchall())
-    finally:
-        conn.close()
 
 
 def template_form(
