@@ -31,7 +31,9 @@ def email_id_from_token(salt: str, token: str) -> str | None:
     email_id, _, tag = token.rpartition(".")
     if not email_id or len(token) > 200:
         return None
-    return email_id if hmac.compare_digest(tag, _tag(salt, email_id)) else None
+    # Compare bytes: compare_digest refuses non-ASCII str, and a token is whatever a client sent.
+    expected = _tag(salt, email_id).encode()
+    return email_id if hmac.compare_digest(tag.encode(), expected) else None
 
 
 def pixel_url(app_url: str, salt: str, email_id: str) -> str:

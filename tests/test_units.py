@@ -99,3 +99,14 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
     exported = generate_latest().decode()
     missing = {name for name in used if f"# HELP {name} " not in exported}
     assert not missing, f"dashboard refers to metrics nobody exports: {sorted(missing)}"
+
+
+def test_pixel_tokens_verify_and_refuse_anything_else() -> None:
+    from shared.pixel import email_id_from_token, pixel_token
+
+    salt = "pixel-salt-0123456789abcdef-0123456789"
+    token = pixel_token(salt, "abc-123")
+    assert email_id_from_token(salt, token) == "abc-123"
+    assert email_id_from_token("another-salt-0123456789abcdef-012345", token) is None
+    for forged in ("abc-123", "abc-123.", "é.é", "abc-123.ü" + token[-5:], "x" * 300, ""):
+        assert email_id_from_token(salt, forged) is None
