@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import time
 
 from email_common import (
@@ -63,11 +64,15 @@ async def paced(args: argparse.Namespace) -> None:
         times = sorted(c["t"] for c in calls)[:count]
     span = times[-1] - times[0]
     average = (len(times) - 1) / span
+    # Slots that went unused (a worker reached them too late and gave them up): the gaps.
+    interval = (1 + args.margin_ms / 1000) / args.rate
+    unused = sum(max(0, round((b - a) / interval) - 1) for a, b in itertools.pairwise(times))
     print(
         f"paced: {args.workers} worker(s), limit {args.rate:g}/s, margin {args.margin_ms:g} ms:"
         f" {len(times)} sends in {span:.2f} s -> average {average:.2f}/s"
         f" ({(average / args.rate - 1) * 100:+.2f}% of the limit);"
-        f" most in any 1 s window: {max_in_window(times)}"
+        f" most in any 1 s window: {max_in_window(times)};"
+        f" slots left unused ≈ {unused} (the best possible is {1 / interval:.2f}/s)"
     )
 
 
