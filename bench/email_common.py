@@ -9,7 +9,6 @@ MariaDB (root, no password) and RabbitMQ (guest) the tests use, and `rabbitmqctl
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import secrets
 import signal
@@ -18,13 +17,14 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pymysql
+from measure import CpuMeter, cpu_seconds, percentile
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -43,56 +43,6 @@ EXE = str(Path(sys.executable).parent / "queue-server")
 MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
 AMQP_BASE = os.environ.get("BENCH_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
 SENDER = "noreply@example.com"
-
-
-def percentile(values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile (0 for no values)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(pct / 100 * len(ordered))) - 1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pids_of(name: str) -> list[int]:
-    """Processes whose command name is `name` (mariadbd, beam.smp, moto_server)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == name:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-class CpuMeter:
-    """CPU seconds of named processes between start() and report(), as % of one core."""
-
-    def __init__(self, processes: dict[str, int]) -> None:
-        for name in ("mariadbd", "beam.smp"):
-            for pid in pids_of(name):
-                processes.setdefault(name, pid)
-        self.processes = processes
-        self._start: dict[str, float] = {}
-        self._wall = 0.0
-
-    def start(self) -> None:
-        self._wall = time.monotonic()
-        self._start = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
-
-    def report(self) -> str:
-        wall = time.monotonic() - self._wall
-        used = {n: cpu_seconds(p) - self._start[n] for n, p in self.processes.items()}
-        return "CPU (% of one core): " + ", ".join(
-            f"{name} {seconds / wall * 100:.0f}%" for name, seconds in used.items()
-        )
 
 
 def rabbitmqctl(*args: str, check: bool = True) -> None:

@@ -22,8 +22,8 @@ import json
 import secrets
 import time
 
+from measure import CpuMeter
 from tasks_common import (
-    CpuMeter,
     Stack,
     create_key,
     http_session,

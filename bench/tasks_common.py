@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import pymysql
 from aiohttp import web
+from measure import percentile
 
 REPO = Path(__file__).resolve().parent.parent
 EXE = str(Path(sys.executable).parent / "queue-server")
@@ -39,15 +40,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def percentile(values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile (0 for no values)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def summary_ms(values: Sequence[float]) -> str:
@@ -64,49 +56,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pids_of(name: str) -> list[int]:
-    """Processes whose command name is `name` (e.g. mariadbd, beam.smp)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == name:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-class CpuMeter:
-    """CPU seconds used by named processes between start() and report()."""
-
-    def __init__(self, processes: dict[str, int]) -> None:
-        for name in ("mariadbd", "beam.smp"):
-            for pid in pids_of(name):
-                processes.setdefault(name, pid)
-        self.processes = processes
-        self._start: dict[str, float] = {}
-        self._wall = 0.0
-
-    def start(self) -> None:
-        self._wall = time.monotonic()
-        self._start = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
-
-    def report(self) -> str:
-        wall = time.monotonic() - self._wall
-        parts = []
-        for name, pid in self.processes.items():
-            used = cpu_seconds(pid) - self._start[name]
-            parts.append(f"{name} {used / wall * 100:.0f}%")
-        return "CPU (% of one core): " + ", ".join(parts)
 
 
 def rabbitmqctl(*args: str) -> str:

@@ -22,8 +22,8 @@ import time
 from collections import Counter
 from datetime import UTC, datetime
 
+from measure import CpuMeter
 from tasks_common import (
-    CpuMeter,
     Stack,
     add_tasks,
     create_key,

@@ -1,0 +1,60 @@
+"""Measurement helpers every benchmark shares: percentiles and per-process CPU from /proc."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(pct / 100 * len(ordered))) - 1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pids_of(name: str) -> list[int]:
+    """Processes whose command name is `name` (mariadbd, beam.smp, moto_server)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+class CpuMeter:
+    """CPU seconds of named processes (plus MariaDB and RabbitMQ) between start() and report(),
+    as % of one core."""
+
+    def __init__(self, processes: dict[str, int]) -> None:
+        for name in ("mariadbd", "beam.smp"):
+            for pid in pids_of(name):
+                processes.setdefault(name, pid)
+        self.processes = processes
+        self._start: dict[str, float] = {}
+        self._wall = 0.0
+
+    def start(self) -> None:
+        self._wall = time.monotonic()
+        self._start = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
+
+    def report(self) -> str:
+        wall = time.monotonic() - self._wall
+        used = {n: cpu_seconds(p) - self._start[n] for n, p in self.processes.items()}
+        return "CPU (% of one core): " + ", ".join(
+            f"{name} {seconds / wall * 100:.0f}%" for name, seconds in used.items()
+        )
