@@ -220,7 +220,9 @@ async def test_send_delivery_open_then_duplicates_change_nothing(story: Story) -
     logged = await story.db.fetchall(
         "SELECT event_type FROM email_events WHERE email_id = %s ORDER BY id", (email_id,)
     )
-    assert [e["event_type"] for e in logged] == ["Send", "Delivery", "Open", "Send"]
+    # The ses-events consumer handles messages concurrently, so the log's row order is
+    # arrival order at the consumer, not SNS order: only which events were logged matters.
+    assert sorted(e["event_type"] for e in logged) == ["Delivery", "Open", "Send", "Send"]
 
     records = await story.http.post(
         "/server/email/fetch-specific-records", json={"email_ids": [email_id]}, headers=story.key
