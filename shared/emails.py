@@ -8,9 +8,12 @@ carries `SendEmail(email_id)`. Status flow:
                           +--release (retry later)--> QUEUED
 
 A claim is conditional (QUEUED, or PROCESSING whose lease ran out), so a redelivered command
-never sends an email twice unless the worker holding it died mid-send (the lease expired):
-at-least-once at the SES call, exactly-once everywhere else. Every state change that the
-client hears about records its callback event in the same transaction (shared.callbacks).
+never sends an email twice. Just before the send the owner stamps `send_started_at`; a worker
+that dies after that leaves an email SES may or may not have taken, and SES has no idempotency
+key. Rather than risk a second copy, the next claim ends it ERROR with code SEND_UNCONFIRMED
+(the client decides whether to queue it again): at most once at the SES call. Every state
+change that the client hears about records its callback event in the same transaction
+(shared.callbacks).
 """
 
 from __future__ import annotations
@@ -565,8 +568,16 @@ class Claim:
 class Skip:
     """Nothing to send: `reason` is missing/finished/busy; busy ones are retried later."""
 
-    reason: Literal["missing", "finished", "busy"]
+    reason: Literal["missing", "finished", "busy", "unconfirmed"]
     retry_in: float = 0.0
+    event_ids: list[str] = field(default_factory=list)
+
+
+UNCONFIRMED_ERROR = {
+    "code": "SEND_UNCONFIRMED",
+    "message": "the worker sending this email stopped after handing it to the provider and"
+    " before recording the answer: it may or may not have been sent, so it is not sent again",
+}
 
 
 async def claim(
@@ -586,6 +597,14 @@ async def claim(
             return Skip("busy", (row["lease_until"] - now).total_seconds())
         if row["status"] not in (QUEUED, PROCESSING):
             return Skip("finished")
+        if row["status"] == PROCESSING and row["send_started_at"] is not None:
+            await cur.execute(
+                "UPDATE emails SET status = %s, error = %s, claim_token = NULL,"
+                " lease_until = NULL WHERE id = %s",
+                (ERROR, json.dumps(UNCONFIRMED_ERROR), row["id"]),
+            )
+            event = status_event(row, ERROR, aws_info=info, error=UNCONFIRMED_ERROR)
+            return Skip("unconfirmed", event_ids=await record_events(cur, [event]))
         token = secrets.token_urlsafe(16)
         lease_until = now + timedelta(seconds=lease_s)
         await cur.execute(
@@ -601,20 +620,31 @@ async def claim(
     return Claim(claimed, token, event_ids)
 
 
+async def mark_sending(db: Database, claimed: Claim) -> bool:
+    """Stamp `send_started_at` under the claim; False if the claim is no longer this worker's."""
+    changed = await db.execute(
+        "UPDATE emails SET send_started_at = %s WHERE id = %s AND status = %s AND claim_token = %s",
+        (utcnow(), claimed.row["id"], PROCESSING, claimed.token),
+    )
+    return changed > 0
+
+
 async def mark_sent(
     db: Database, claimed: Claim, message_id: str, aws_data: dict[str, Any]
 ) -> list[str]:
     """PROCESSING -> SENT with the provider's message id; returns the event ids to publish.
 
     Not conditional on the claim token: the message did go out, so it is recorded even if
-    this worker's lease had run out meanwhile (the first SENT wins).
+    this worker's lease had run out meanwhile (the first SENT wins), and even over the
+    SEND_UNCONFIRMED error that a later claim gave it in the meantime.
     """
     row = claimed.row
     async with db.transaction() as cur:
         changed = await cur.execute(
             "UPDATE emails SET status = %s, ses_message_id = %s, sent_at = %s, claim_token = NULL,"
-            " lease_until = NULL, error = NULL WHERE id = %s AND status = %s",
-            (SENT, message_id, utcnow(), row["id"], PROCESSING),
+            " lease_until = NULL, error = NULL WHERE id = %s AND (status = %s"
+            " OR (status = %s AND send_started_at IS NOT NULL))",
+            (SENT, message_id, utcnow(), row["id"], PROCESSING, ERROR),
         )
         if not changed:
             log.warning("email.sent_twice", email_id=row["email_id"], message_id=message_id)
@@ -631,8 +661,8 @@ async def mark_error(
     row = claimed.row
     async with db.transaction() as cur:
         changed = await cur.execute(
-            "UPDATE emails SET status = %s, error = %s, claim_token = NULL, lease_until = NULL"
-            " WHERE id = %s AND status = %s AND claim_token = %s",
+            "UPDATE emails SET status = %s, error = %s, claim_token = NULL, lease_until = NULL,"
+            " send_started_at = NULL WHERE id = %s AND status = %s AND claim_token = %s",
             (ERROR, json.dumps(error), row["id"], PROCESSING, claimed.token),
         )
         if not changed:
@@ -655,7 +685,8 @@ async def release(
     row = claimed.row
     changed = await db.execute(
         "UPDATE emails SET status = %s, claim_token = NULL, lease_until = NULL,"
-        " next_attempt_at = %s, failures = failures + %s, error = COALESCE(%s, error)"
+        " send_started_at = NULL, next_attempt_at = %s, failures = failures + %s,"
+        " error = COALESCE(%s, error)"
         " WHERE id = %s AND status = %s AND claim_token = %s",
         (
             QUEUED,

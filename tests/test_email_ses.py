@@ -425,7 +425,7 @@ async def test_a_redelivered_command_does_not_send_again(stack: Stack) -> None:
     assert len(calls_for(await stack.ses.calls(), [email_id])) == 1
 
 
-async def test_worker_killed_mid_send_does_not_lose_the_email(
+async def test_worker_killed_mid_send_ends_unconfirmed_and_is_never_sent_twice(
     stack: Stack, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     await stack.ses.inject(1, status=500, code="InternalFailure", delay=60)  # SES hangs
@@ -446,13 +446,59 @@ async def test_worker_killed_mid_send_does_not_lose_the_email(
         doomed.proc.wait(10)
     finally:
         doomed.stop()
-    row = await stack.db.fetchone("SELECT status FROM emails WHERE email_id = %s", (email_id,))
-    assert row is not None and row["status"] == "PROCESSING"
+    row = await stack.db.fetchone("SELECT * FROM emails WHERE email_id = %s", (email_id,))
+    assert row is not None and row["status"] == "PROCESSING" and row["send_started_at"]
+
+    # SES may have taken the message (here it did not, but nobody can tell): not sent again.
+    async with email_worker(stack, EMAIL_LEASE_SECONDS=lease):
+        (row,) = await wait_statuses(stack.db, [email_id], {"ERROR"}, timeout=lease + 20)
+    assert json.loads(row["error"])["code"] == "SEND_UNCONFIRMED"
+    assert [c["access_key"] for c in calls_for(await stack.ses.calls(), [email_id])] == ["doomed"]
+    events = await stack.db.fetchall(
+        "SELECT event_type, payload FROM callback_events WHERE subject_id = %s ORDER BY id",
+        (email_id,),
+    )
+    assert [e["event_type"] for e in events] == ["email.processing", "email.error"]
+    assert json.loads(events[1]["payload"])["data"]["error"]["code"] == "SEND_UNCONFIRMED"
+
+
+async def test_worker_killed_before_the_send_slot_sends_later_exactly_once(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Emails still waiting for a slot were never stamped: after the lease they go out."""
+    lease = 10.0
+    doomed = start_service(
+        {**stack.env, "EMAIL_LEASE_SECONDS": str(lease), "AWS_SES_SEND_LIMIT_PER_SEC": "1"},
+        "worker",
+        "email",
+        cwd=str(tmp_path_factory.mktemp("doomed")),
+    )
+    try:
+        ids = await emails.queue_emails(
+            stack.db, stack.broker, stack.key_id, [new_email(i) for i in range(4)]
+        )
+        deadline = time.monotonic() + 30
+        while not calls_for(await stack.ses.calls(), ids):
+            assert time.monotonic() < deadline, "the doomed worker never called SES"
+            await asyncio.sleep(0.02)
+        doomed.proc.kill()  # one email went out; the others wait seconds for their slots
+        doomed.proc.wait(10)
+    finally:
+        doomed.stop()
+    waiting = await stack.db.fetchall(
+        "SELECT email_id FROM emails WHERE status = 'PROCESSING' AND send_started_at IS NULL"
+    )
+    assert len(waiting) >= 2, waiting
 
     async with email_worker(stack, EMAIL_LEASE_SECONDS=lease):
-        (row,) = await wait_statuses(stack.db, [email_id], {"SENT"}, timeout=lease + 20)
-    assert row["attempts"] == 2  # re-claimed once the dead worker's lease ran out
-    calls = calls_for(await stack.ses.calls(), [email_id])
-    assert [c["access_key"] for c in calls] == ["doomed", "testing"]
-    at_ses = [m for m in await stack.ses.sent_messages() if email_id in m["raw_data"]]
-    assert len(at_ses) == 1
+        rows = await wait_statuses(stack.db, ids, {"SENT", "ERROR"}, timeout=lease + 20)
+    by_id = {r["email_id"]: r for r in rows}
+    for r in waiting:
+        assert by_id[r["email_id"]]["status"] == "SENT"
+    for row in rows:  # the one in flight at the kill: sent, or honestly unconfirmed
+        assert row["status"] == "SENT" or json.loads(row["error"])["code"] == "SEND_UNCONFIRMED"
+    at_ses = await stack.ses.sent_messages()
+    for email_id in ids:
+        assert sum(email_id in m["raw_data"] for m in at_ses) <= 1
+        if by_id[email_id]["status"] == "SENT":
+            assert sum(email_id in m["raw_data"] for m in at_ses) == 1

@@ -49,6 +49,14 @@ BUILD_IN_THREAD_BYTES = 256 * 1024
 QUOTA_MIN_INTERVAL_S = 1.0  # GetSendQuota allows one call per second
 
 
+# How long before its send slot an email is stamped as being sent (see _slot).
+MARK_LEAD_S = 0.1
+
+
+class ClaimLost(Exception):
+    """The email's claim is no longer this worker's (its lease ran out and it was taken)."""
+
+
 class Unsendable(Exception):
     """The stored email cannot become a message (template removed, MIME error, too big)."""
 
@@ -134,6 +142,11 @@ class EmailWorker:
         if isinstance(outcome, emails.Skip):
             if outcome.reason == "busy":  # another worker holds it; look again after its lease
                 raise Retry(outcome.retry_in * 1000 + 1000, "claimed by another worker")
+            if outcome.reason == "unconfirmed":
+                metrics.EMAILS.labels("error", "").inc()
+                log.warning("email.send_unconfirmed")
+                self._publish(outcome.event_ids)
+                return
             metrics.EMAILS.labels("duplicate", "").inc()
             log.info("email.skipped", reason=outcome.reason)
             return
@@ -154,7 +167,10 @@ class EmailWorker:
         asked: float | None = time.monotonic()
         while True:
             try:
-                grant = await self._slot(priority, len(message.raw))
+                grant = await self._slot(claimed, priority, len(message.raw))
+            except ClaimLost:
+                log.info("email.claim_lost")  # its lease ran out; the new owner carries on
+                return None
             except SlotTimeout as exc:
                 await self._release(claimed, exc.retry_after, None, failed=False, why="no slot")
                 return None
@@ -174,10 +190,20 @@ class EmailWorker:
                 # The request was built too late to leave within its slot: nothing was sent.
                 metrics.EMAIL_SLOTS_MISSED.inc()
 
-    async def _slot(self, priority: Priority, size: int) -> Grant:
-        """A usable slot: booked, waited for, and reached in time (otherwise book another)."""
+    async def _slot(self, claimed: emails.Claim, priority: Priority, size: int) -> Grant:
+        """A usable slot: booked, waited for, and reached in time (otherwise book another).
+
+        `send_started_at` is stamped MARK_LEAD_S before the slot, so the commit's latency does
+        not make the send miss it; a worker dying in that lead ends the email SEND_UNCONFIRMED
+        although nothing left, the price of never sending one twice.
+        """
         while True:
             grant = await self._limiter.acquire(priority, size_bytes=size)
+            lead = grant.due - MARK_LEAD_S - time.monotonic()
+            if lead > 0:
+                await asyncio.sleep(lead)
+            if not await emails.mark_sending(self._ctx.db, claimed):
+                raise ClaimLost()
             if await grant.wait():
                 return grant
             metrics.EMAIL_SLOTS_MISSED.inc()
