@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.app_keys import BROKER, DB, ENDPOINTS, KEY_CACHE, SETTINGS, SNS_HTTP
 from gateway.auth import KeyCache
 from gateway.endpoints import install
-from gateway.middleware import access_log, auth, errors
+from gateway.middleware import access_log, auth, body_deadline, errors
 from gateway.routes import ENDPOINTS as ALL_ENDPOINTS
 from shared.resources import open_broker, open_database
 from shared.settings import Settings
@@ -84,7 +84,7 @@ def create_app(
 ) -> web.Application:
     """The gateway; with `workers`, those workers run in this process too (`queue-server run`)."""
     app = web.Application(
-        middlewares=[access_log, errors, auth],
+        middlewares=[access_log, body_deadline, errors, auth],
         client_max_size=settings.max_upload_bytes + _MULTIPART_OVERHEAD,
     )
     app[SETTINGS] = settings

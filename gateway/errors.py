@@ -20,6 +20,18 @@ class ApiError(Exception):
         self.extra = extra
 
 
+class SlowBody(TimeoutError):
+    """The client did not send its whole body within HTTP_BODY_TIMEOUT_SECONDS (slowloris).
+
+    Set on the request's body stream, so the handler's next read raises it. A TimeoutError on
+    purpose: aiohttp then stops draining the unread rest of the body and closes the connection.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"request body not received within {seconds:g} s")
+        self.msg = str(self)
+
+
 def error_response(status: int, msg: str, code: str, **extra: Any) -> web.Response:
     body = ErrorBody(msg=msg, code=code).model_dump() | extra
     return web.json_response(body, status=status)

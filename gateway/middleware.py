@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -12,7 +13,7 @@ from aiohttp import web
 from gateway.app_keys import DB, KEY_CACHE, SETTINGS
 from gateway.auth import PRINCIPAL, Role, allowed, authenticate, bearer_token
 from gateway.endpoints import endpoint_of
-from gateway.errors import ApiError, error_response
+from gateway.errors import ApiError, SlowBody, error_response
 from shared import metrics
 from shared.broker import BrokerUnavailable
 from shared.db import DatabaseUnavailable
@@ -44,6 +45,19 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         code = _HTTP_CODES.get(exc.status, f"HTTP_{exc.status}")
         return error_response(exc.status, exc.reason, code)
+    except SlowBody as exc:
+        log.warning("request.slow_body", error=exc.msg)
+        response = error_response(408, exc.msg, "REQUEST_TIMEOUT")
+        response.force_close()  # the rest of the body is not waited for
+        return response
+    except RecursionError:
+        # Only hostile input recurses this deep: JSON nested thousands of levels (json.loads).
+        log.warning("request.too_deep")
+        return error_response(400, "input nested too deeply", "TOO_DEEP")
+    except UnicodeError:
+        # Text that cannot be stored or sent, e.g. a lone surrogate spelled "\ud800" in JSON.
+        log.warning("request.bad_unicode")
+        return error_response(400, "input is not valid Unicode text", "BAD_UNICODE")
     except (DatabaseUnavailable, BrokerUnavailable) as exc:
         log.warning("dependency.unavailable", error=str(exc))
         response = error_response(503, "service temporarily unavailable", "UNAVAILABLE")
@@ -52,6 +66,33 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("request.failed")
         return error_response(500, "internal error", "INTERNAL")
+
+
+@web.middleware
+async def body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A body must arrive within HTTP_BODY_TIMEOUT_SECONDS of the headers (408 otherwise).
+
+    aiohttp bounds the time to send headers (HTTP_KEEPALIVE_SECONDS) but not a body: a client
+    trickling bytes would hold its connection and handler forever. When the deadline passes
+    with body bytes still missing, the body stream fails with SlowBody, so a handler waiting
+    for it is woken at once. The timer outlives an early answer (a 401 before the body was
+    read) so that aiohttp's draining of the unread rest stops at the deadline too.
+    """
+    content = request.content
+    if not request.body_exists or content.is_eof():
+        return await handler(request)
+    seconds = request.app[SETTINGS].HTTP_BODY_TIMEOUT_SECONDS
+
+    def expire() -> None:
+        if not content.is_eof():
+            content.set_exception(SlowBody(seconds))
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await handler(request)
+    finally:
+        if content.is_eof():
+            timer.cancel()
 
 
 @web.middleware

@@ -80,6 +80,7 @@ def _serve_http(
         port=settings.PORT,
         access_log=None,
         shutdown_timeout=settings.SHUTDOWN_GRACE_SECONDS,
+        keepalive_timeout=settings.HTTP_KEEPALIVE_SECONDS,
         print=None,
     )
 

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     KEY_CACHE_SECONDS: float = Field(5.0, ge=0, le=300)
     SHUTDOWN_GRACE_SECONDS: float = Field(20.0, ge=0, le=600)
     CLIENT_MAX_JSON_BYTES: int = Field(1_048_576, ge=1024)
+    # Slow clients (slowloris): a connection that has not sent a request's headers this long
+    # after it opened (or after the previous response) is closed; also how long an idle
+    # keep-alive connection stays open.
+    HTTP_KEEPALIVE_SECONDS: float = Field(75.0, gt=0, le=3600)
+    # A request body must arrive in full within this long after its headers: a slower one is
+    # answered 408 and its connection closed. Raise it for big uploads over slow links.
+    HTTP_BODY_TIMEOUT_SECONDS: float = Field(60.0, gt=0, le=3600)
     RECONCILE_INTERVAL_SECONDS: float = Field(5.0, gt=0, le=3600)
     # Work not done this long after it was due is treated as lost and re-published.
     RECONCILE_GRACE_SECONDS: float = Field(10.0, ge=1, le=3600)

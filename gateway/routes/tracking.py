@@ -33,7 +33,14 @@ table = EndpointTable()
 
 async def _verified(request: web.Request) -> dict[str, object]:
     settings = request.app[SETTINGS]
-    body = await request.content.read(settings.SNS_MAX_BODY_BYTES + 1)
+    # One read() returns only what has arrived so far: a body that came in several TCP
+    # segments would be cut short.
+    body = b""
+    while len(body) <= settings.SNS_MAX_BODY_BYTES:
+        chunk = await request.content.read(settings.SNS_MAX_BODY_BYTES + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
     if len(body) > settings.SNS_MAX_BODY_BYTES:
         raise ApiError(413, "SNS message too large", "TOO_LARGE")
     try:
