@@ -620,11 +620,19 @@ async def claim(
     return Claim(claimed, token, event_ids)
 
 
-async def mark_sending(db: Database, claimed: Claim) -> bool:
-    """Stamp `send_started_at` under the claim; False if the claim is no longer this worker's."""
+async def mark_sending(db: Database, claimed: Claim, *, lease_s: float) -> bool:
+    """Stamp `send_started_at` under the claim and renew its lease; False if the claim is no
+    longer this worker's.
+
+    Renewing matters: a live owner that waited long for its slot must not have the email taken
+    over (and ended SEND_UNCONFIRMED) while it is about to send.
+    """
+    now = utcnow()
+    lease_until = now + timedelta(seconds=lease_s)
     changed = await db.execute(
-        "UPDATE emails SET send_started_at = %s WHERE id = %s AND status = %s AND claim_token = %s",
-        (utcnow(), claimed.row["id"], PROCESSING, claimed.token),
+        "UPDATE emails SET send_started_at = %s, lease_until = %s, next_attempt_at = %s"
+        " WHERE id = %s AND status = %s AND claim_token = %s",
+        (now, lease_until, lease_until, claimed.row["id"], PROCESSING, claimed.token),
     )
     return changed > 0
 

@@ -56,7 +56,11 @@ def port_open(port: int) -> bool:
 @contextmanager
 def mariadb_down() -> Iterator[None]:
     subprocess.run(["mysqladmin", "-uroot", "shutdown"], check=True, timeout=60)
-    wait_until(lambda: not port_open(3306), 30, "MariaDB to stop")
+    # The process, not just the port: start-stop-daemon --oknodo takes a server still flushing
+    # on its way out for a running one and starts nothing.
+    wait_until(
+        lambda: subprocess.run(["pgrep", "-x", "mariadbd"]).returncode == 1, 60, "MariaDB to stop"
+    )
     try:
         yield
     finally:

@@ -18,13 +18,16 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from schemas.messages import Command, SendEmail
 from shared import emails, metrics
 from shared.callbacks import publish_events
+from shared.db import DatabaseUnavailable
 from shared.mime import SES_MAX_RAW_BYTES, MimeError, build_raw_message, render_template
 from shared.pixel import pixel_url
 from shared.ratelimit import Grant, Priority, SendRateLimiter, SlotTimeout
@@ -51,6 +54,23 @@ QUOTA_MIN_INTERVAL_S = 1.0  # GetSendQuota allows one call per second
 
 # How long before its send slot an email is stamped as being sent (see _slot).
 MARK_LEAD_S = 0.1
+# How long the outcome of a send (SENT, or handed back unsent) is retried through a MySQL outage.
+RECORD_OUTCOME_FOR_S = 600.0
+
+T = TypeVar("T")
+
+
+async def through_outage(write: Callable[[], Awaitable[T]]) -> T:
+    """`write()`, retried while MySQL is unavailable (up to RECORD_OUTCOME_FOR_S)."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(DatabaseUnavailable),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        stop=stop_after_delay(RECORD_OUTCOME_FOR_S),
+        reraise=True,
+    ):
+        with attempt:
+            return await write()
+    raise AssertionError("unreachable: AsyncRetrying reraises")
 
 
 class ClaimLost(Exception):
@@ -168,6 +188,9 @@ class EmailWorker:
         while True:
             try:
                 grant = await self._slot(claimed, priority, len(message.raw))
+            except DatabaseUnavailable:  # booking or stamping failed: nothing left
+                await self._release(claimed, 1.0, None, failed=False, why="database unavailable")
+                return None
             except ClaimLost:
                 log.info("email.claim_lost")  # its lease ran out; the new owner carries on
                 return None
@@ -202,7 +225,8 @@ class EmailWorker:
             lead = grant.due - MARK_LEAD_S - time.monotonic()
             if lead > 0:
                 await asyncio.sleep(lead)
-            if not await emails.mark_sending(self._ctx.db, claimed):
+            lease_s = self._ctx.settings.EMAIL_LEASE_SECONDS
+            if not await emails.mark_sending(self._ctx.db, claimed, lease_s=lease_s):
                 raise ClaimLost()
             if await grant.wait():
                 return grant
@@ -253,9 +277,14 @@ class EmailWorker:
         failed: bool,
         why: str,
     ) -> None:
-        """Back to QUEUED and retry the command after `delay_s` (raises Retry)."""
-        if not await emails.release(
-            self._ctx.db, claimed, retry_in=delay_s, error=error, failed=failed
+        """Back to QUEUED and retry the command after `delay_s` (raises Retry).
+
+        Through a MySQL outage too: only this process knows that nothing was sent, and a claim
+        left behind with its send stamp would end the email SEND_UNCONFIRMED.
+        """
+        db = self._ctx.db
+        if not await through_outage(
+            lambda: emails.release(db, claimed, retry_in=delay_s, error=error, failed=failed)
         ):
             return  # the claim was lost (lease expired, taken over): the new owner carries on
         metrics.EMAILS.labels("retried", claimed.row["type"]).inc()
@@ -263,7 +292,11 @@ class EmailWorker:
 
     async def _finish_sent(self, claimed: emails.Claim, message_id: str) -> None:
         aws_data = {"MessageId": message_id, **self._transport.info()}
-        event_ids = await emails.mark_sent(self._ctx.db, claimed, message_id, aws_data)
+        # Only this process knows the message left: through a MySQL outage it keeps trying,
+        # or the email would end SEND_UNCONFIRMED once its lease ran out.
+        event_ids = await through_outage(
+            lambda: emails.mark_sent(self._ctx.db, claimed, message_id, aws_data)
+        )
         log.info("email.sent", message_id=message_id)
         self._publish(event_ids)
 
