@@ -485,8 +485,11 @@ async def test_worker_killed_before_the_send_slot_sends_later_exactly_once(
         doomed.proc.wait(10)
     finally:
         doomed.stop()
-    waiting = await stack.db.fetchall(
-        "SELECT email_id FROM emails WHERE status = 'PROCESSING' AND send_started_at IS NULL"
+    marks = ", ".join(["%s"] * len(ids))
+    waiting = await stack.db.fetchall(  # claimed and waiting for a slot, or not claimed yet
+        "SELECT email_id FROM emails WHERE status IN ('QUEUED', 'PROCESSING')"
+        f" AND send_started_at IS NULL AND email_id IN ({marks})",
+        ids,
     )
     assert len(waiting) >= 2, waiting
 
