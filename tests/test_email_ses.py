@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -425,33 +426,42 @@ async def test_a_redelivered_command_does_not_send_again(stack: Stack) -> None:
     assert len(calls_for(await stack.ses.calls(), [email_id])) == 1
 
 
+LEASE = 10.0
+
+
+async def kill_after_first_call(
+    stack: Stack, tmp: Path, batch: list[emails.NewEmail], **env: str
+) -> list[str]:
+    """Queue `batch` for a worker subprocess and SIGKILL it once SES saw its first call."""
+    settings = {**stack.env, "EMAIL_LEASE_SECONDS": str(LEASE), **env}
+    doomed = start_service(settings, "worker", "email", cwd=str(tmp))
+    try:
+        ids = await emails.queue_emails(stack.db, stack.broker, stack.key_id, batch)
+        deadline = time.monotonic() + 30
+        while not calls_for(await stack.ses.calls(), ids):
+            assert time.monotonic() < deadline, "the doomed worker never called SES"
+            await asyncio.sleep(0.02)
+        doomed.proc.kill()  # the command(s) unacked, the claims held
+        doomed.proc.wait(10)
+    finally:
+        doomed.stop()
+    return ids
+
+
 async def test_worker_killed_mid_send_ends_unconfirmed_and_is_never_sent_twice(
     stack: Stack, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     await stack.ses.inject(1, status=500, code="InternalFailure", delay=60)  # SES hangs
-    lease = 10.0
-    doomed = start_service(
-        {**stack.env, "EMAIL_LEASE_SECONDS": str(lease), "AWS_ACCESS_KEY_ID": "doomed"},
-        "worker",
-        "email",
-        cwd=str(tmp_path_factory.mktemp("doomed")),
+    tmp = tmp_path_factory.mktemp("doomed")
+    (email_id,) = await kill_after_first_call(  # mid-send: the request is in flight
+        stack, tmp, [new_email()], AWS_ACCESS_KEY_ID="doomed"
     )
-    try:
-        (email_id,) = await emails.queue_emails(stack.db, stack.broker, stack.key_id, [new_email()])
-        deadline = time.monotonic() + 30
-        while not calls_for(await stack.ses.calls(), [email_id]):
-            assert time.monotonic() < deadline, "the doomed worker never called SES"
-            await asyncio.sleep(0.05)
-        doomed.proc.kill()  # mid-send: the request is in flight, the command unacked
-        doomed.proc.wait(10)
-    finally:
-        doomed.stop()
     row = await stack.db.fetchone("SELECT * FROM emails WHERE email_id = %s", (email_id,))
     assert row is not None and row["status"] == "PROCESSING" and row["send_started_at"]
 
     # SES may have taken the message (here it did not, but nobody can tell): not sent again.
-    async with email_worker(stack, EMAIL_LEASE_SECONDS=lease):
-        (row,) = await wait_statuses(stack.db, [email_id], {"ERROR"}, timeout=lease + 20)
+    async with email_worker(stack, EMAIL_LEASE_SECONDS=LEASE):
+        (row,) = await wait_statuses(stack.db, [email_id], {"ERROR"}, timeout=LEASE + 20)
     assert json.loads(row["error"])["code"] == "SEND_UNCONFIRMED"
     assert [c["access_key"] for c in calls_for(await stack.ses.calls(), [email_id])] == ["doomed"]
     events = await stack.db.fetchall(
@@ -466,25 +476,10 @@ async def test_worker_killed_before_the_send_slot_sends_later_exactly_once(
     stack: Stack, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Emails still waiting for a slot were never stamped: after the lease they go out."""
-    lease = 10.0
-    doomed = start_service(
-        {**stack.env, "EMAIL_LEASE_SECONDS": str(lease), "AWS_SES_SEND_LIMIT_PER_SEC": "1"},
-        "worker",
-        "email",
-        cwd=str(tmp_path_factory.mktemp("doomed")),
-    )
-    try:
-        ids = await emails.queue_emails(
-            stack.db, stack.broker, stack.key_id, [new_email(i) for i in range(4)]
-        )
-        deadline = time.monotonic() + 30
-        while not calls_for(await stack.ses.calls(), ids):
-            assert time.monotonic() < deadline, "the doomed worker never called SES"
-            await asyncio.sleep(0.02)
-        doomed.proc.kill()  # one email went out; the others wait seconds for their slots
-        doomed.proc.wait(10)
-    finally:
-        doomed.stop()
+    tmp = tmp_path_factory.mktemp("doomed")
+    # One email goes out; the others wait seconds for their slots when the worker dies.
+    batch = [new_email(i) for i in range(4)]
+    ids = await kill_after_first_call(stack, tmp, batch, AWS_SES_SEND_LIMIT_PER_SEC="1")
     marks = ", ".join(["%s"] * len(ids))
     waiting = await stack.db.fetchall(  # claimed and waiting for a slot, or not claimed yet
         "SELECT email_id FROM emails WHERE status IN ('QUEUED', 'PROCESSING')"
@@ -493,8 +488,8 @@ async def test_worker_killed_before_the_send_slot_sends_later_exactly_once(
     )
     assert len(waiting) >= 2, waiting
 
-    async with email_worker(stack, EMAIL_LEASE_SECONDS=lease):
-        rows = await wait_statuses(stack.db, ids, {"SENT", "ERROR"}, timeout=lease + 20)
+    async with email_worker(stack, EMAIL_LEASE_SECONDS=LEASE):
+        rows = await wait_statuses(stack.db, ids, {"SENT", "ERROR"}, timeout=LEASE + 20)
     by_id = {r["email_id"]: r for r in rows}
     for r in waiting:
         assert by_id[r["email_id"]]["status"] == "SENT"
