@@ -157,6 +157,16 @@ class SesTransport:
         self._v2.meta.events.register("before-send.sesv2.SendEmail", _check_gate)
         # GetSendQuota (MaxSendRate) exists in the v1 API only.
         self._v1 = await self._stack.enter_async_context(session.create_client("ses", **options))
+        await self._warm_up()
+
+    async def _warm_up(self) -> None:
+        """One harmless request before the first send: aiobotocore builds its HTTP session
+        (and loads the CA bundle, 0.1-2 s) on the first request, after the send gate. Sends
+        that passed the gate meanwhile would all leave together, over the fleet's rate."""
+        try:
+            await self._v2.get_account()
+        except Exception as exc:  # denied or unsupported is fine: the session exists now
+            log.info("ses.warm_up", outcome=type(exc).__name__)
 
     async def close(self) -> None:
         await self._stack.aclose()
