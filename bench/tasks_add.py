@@ -12,6 +12,11 @@ takes a good part of one core itself (its CPU time is printed), so treat results
     .venv/bin/python bench/tasks_add.py --help
     .venv/bin/python bench/tasks_add.py --concurrency 64 --duration 20
     .venv/bin/python bench/tasks_add.py --prefill 50000     # with 50k pending tasks in MySQL
+    .venv/bin/python bench/tasks_add.py --raw-client        # a load generator ~4x lighter
+
+Besides req/s and latency it prints CPU per request (gateway and load generator) and the CPU
+time of a fixed reference workload: on a shared, busy box everything runs slower, so compare
+per-request CPU figures together with that reference.
 """
 
 from __future__ import annotations
@@ -19,10 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
-from measure import CpuMeter
+import aiohttp
+from measure import CpuMeter, cpu_seconds
 from tasks_common import (
     Stack,
     create_key,
@@ -46,6 +55,11 @@ def parse_args() -> argparse.Namespace:
         help="PENDING task rows written to MySQL before the run (rows only, no timers)",
     )
     parser.add_argument("--pool", type=int, default=10, help="the gateway's MYSQL_POOL_SIZE (10)")
+    parser.add_argument(
+        "--raw-client",
+        action="store_true",
+        help="bare keep-alive HTTP clients instead of aiohttp's (a lighter load generator)",
+    )
     return parser.parse_args()
 
 
@@ -64,31 +78,96 @@ def prefill(bench: Stack, count: int) -> None:
         )
 
 
-async def load(url: str, headers: dict[str, str], args: argparse.Namespace) -> None:
+Post = Callable[[], Awaitable[int]]  # one add; returns the HTTP status
+
+
+def aiohttp_clients(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes
+) -> Callable[[], Awaitable[Post]]:
+    async def connect() -> Post:
+        async def post() -> int:
+            async with session.post(url + "/server/queue/add", data=body, headers=headers) as r:
+                await r.read()
+                return r.status
+
+        return post
+
+    return connect
+
+
+def raw_clients(
+    url: str, headers: dict[str, str], body: bytes, opened: list[asyncio.StreamWriter]
+) -> Callable[[], Awaitable[Post]]:
+    """Bare HTTP/1.1 keep-alive clients: a fixed request, read the status and the body back.
+    Far less CPU per request than aiohttp's client, so more of the box is left to the gateway."""
+    parsed = urlsplit(url)
+    lines = [
+        "POST /server/queue/add HTTP/1.1",
+        f"Host: {parsed.netloc}",
+        *(f"{name}: {value}" for name, value in headers.items()),
+        f"Content-Length: {len(body)}",
+    ]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+    async def connect() -> Post:
+        stream: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+        async def post() -> int:
+            if not stream:
+                stream.append(await asyncio.open_connection(parsed.hostname, parsed.port))
+                opened.append(stream[0][1])
+            reader, writer = stream[0]
+            try:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                stream.clear()  # the gateway closed it (e.g. after a 503): reconnect next time
+                return 0
+            if re.search(rb"(?i)\r\nconnection: *close", head):
+                stream.clear()
+            return int(head[9:12])
+
+        return post
+
+    return connect
+
+
+async def load(url: str, headers: dict[str, str], args: argparse.Namespace) -> int:
+    """Run the clients; returns how many requests were answered (warmup included)."""
     body = json.dumps(
         {"data": {"hello": "world", "n": 1234567890}, "expiryDate": iso(time.time() + 3600)}
     ).encode()
     headers = {**headers, "Content-Type": "application/json"}
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    begin = time.perf_counter()
-    measure_from = begin + args.warmup
-    end = measure_from + args.duration
+    answered = 0
+    opened: list[asyncio.StreamWriter] = []
+
+    async def client(connect: Callable[[], Awaitable[Post]]) -> None:
+        nonlocal answered
+        post = await connect()
+        while (started := time.perf_counter()) < end:
+            status = await post()
+            answered += 1
+            if started >= measure_from:
+                latencies.append(time.perf_counter() - started)
+                statuses[status] = statuses.get(status, 0) + 1
 
     async with http_session(limit=args.concurrency) as session:
-
-        async def client() -> None:
-            while (started := time.perf_counter()) < end:
-                async with session.post(url + "/server/queue/add", data=body, headers=headers) as r:
-                    await r.read()
-                    status = r.status
-                if started >= measure_from:
-                    latencies.append(time.perf_counter() - started)
-                    statuses[status] = statuses.get(status, 0) + 1
-
+        if args.raw_client:
+            connect = raw_clients(url, headers, body, opened)
+        else:
+            connect = aiohttp_clients(session, url, headers, body)
+        begin = time.perf_counter()
+        measure_from = begin + args.warmup
+        end = measure_from + args.duration
         cpu = time.process_time()
-        await asyncio.gather(*(client() for _ in range(args.concurrency)))
+        await asyncio.gather(*(client(connect) for _ in range(args.concurrency)))
         cpu = time.process_time() - cpu
+        for writer in opened:
+            writer.close()
 
     ok = statuses.get(200, 0)
     print(f"concurrency {args.concurrency}, measured {args.duration:.0f} s after {args.warmup} s")
@@ -99,11 +178,27 @@ async def load(url: str, headers: dict[str, str], args: argparse.Namespace) -> N
         f" p99 {percentile(latencies, 99) * 1000:.1f} ms,"
         f" max {max(latencies, default=0) * 1000:.1f} ms"
     )
-    print(f"  load generator CPU: {cpu:.1f} s over {time.perf_counter() - begin:.1f} s")
+    print(
+        f"  load generator CPU: {cpu:.1f} s over {time.perf_counter() - begin:.1f} s"
+        f" ({cpu / max(answered, 1) * 1e6:.0f} µs per request)"
+    )
+    return answered
+
+
+def reference_ms() -> float:
+    """CPU time of a fixed pure-Python workload: how fast this box is right now (a busy box
+    runs everything slower, so compare per-request CPU figures with this alongside)."""
+    started = time.process_time()
+    for _ in range(5):
+        table: dict[int, str] = {}
+        for i in range(300_000):
+            table[i % 1000] = str(i)
+    return (time.process_time() - started) * 1000
 
 
 async def main() -> None:
     args = parse_args()
+    print(f"reference workload: {reference_ms():.0f} ms CPU")
     with stack("add") as bench:
         gateway = bench.start(
             "gateway",
@@ -122,8 +217,14 @@ async def main() -> None:
         print(f"gateway RSS before: {rss_mb(gateway.proc.pid):.0f} MB")
         meter = CpuMeter({"gateway": gateway.proc.pid})
         meter.start()
-        await load(gateway.url, headers, args)
+        gateway_cpu = cpu_seconds(gateway.proc.pid)
+        answered = await load(gateway.url, headers, args)
+        gateway_cpu = cpu_seconds(gateway.proc.pid) - gateway_cpu
         print(f"  {meter.report()} (whole run, warmup included)")
+        print(
+            f"  gateway CPU per request: {gateway_cpu / max(answered, 1) * 1e6:.0f} µs"
+            f" ({answered} requests, warmup included)"
+        )
         print(f"gateway RSS after: {rss_mb(gateway.proc.pid):.0f} MB")
         pending = bench.mysql("SELECT COUNT(*) AS n FROM tasks WHERE status = 'PENDING'")[0]["n"]
         print(f"pending tasks now: {pending}")

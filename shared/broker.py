@@ -2,19 +2,35 @@
 
 Every command travels through the delay cascade's delivery exchange, even with no delay, so
 immediate and delayed work share one path and one binding per destination queue.
+
+Publishes are confirmed, and written in batches: every publish that arrives while the previous
+batch is being written goes out in one socket write (see `write_confirmed`), each still with its
+own confirm.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import aio_pika
+import aiormq
+import pamqp.frame
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
 
 from schemas.messages import COMMANDS, Command
-from shared.delay import Cascade, DelayPublisher, declare_cascade
+from shared.batching import Batcher
+from shared.delay import Cascade, declare_cascade
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -33,6 +49,8 @@ WORK_QUEUES: dict[str, str] = {
 # dead-letter queue instead of crash-looping the fleet.
 DELIVERY_LIMIT = 20
 SCHEMA_HEADER = "schema-version"
+# Publishes written to the socket together, at most (bodies are ids: a few kB all told).
+PUBLISH_BATCH_LIMIT = 256
 
 
 class BrokerUnavailable(Exception):
@@ -41,18 +59,6 @@ class BrokerUnavailable(Exception):
 
 def cascade_for(settings: Settings) -> Cascade:
     return Cascade(prefix="qs.delay", levels=settings.DELAY_LEVELS, unit_ms=settings.DELAY_UNIT_MS)
-
-
-def encode(command: Command, *, message_id: str | None = None) -> aio_pika.Message:
-    """Wrap a command in an AMQP message with the properties every consumer relies on."""
-    return aio_pika.Message(
-        body=command.model_dump_json().encode(),
-        content_type="application/json",
-        type=command.TYPE,
-        message_id=message_id,
-        headers={SCHEMA_HEADER: command.VERSION},
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
 
 
 def decode(message: AbstractIncomingMessage) -> Command:
@@ -85,6 +91,97 @@ async def declare_topology(channel: AbstractChannel, cascade: Cascade) -> None:
     await declare_cascade(channel, cascade, WORK_QUEUES)
 
 
+@dataclass(frozen=True)
+class Publish:
+    """One message for one exchange, ready for the wire."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: spec.Basic.Properties
+
+
+def properties(command: Command, message_id: str | None) -> spec.Basic.Properties:
+    """The AMQP properties every consumer relies on. A fresh message: persistent, and with no
+    per-message TTL (it would leave a cascade level early) and no x-death history."""
+    return spec.Basic.Properties(
+        content_type="application/json",
+        message_type=command.TYPE,
+        message_id=message_id or uuid.uuid4().hex,  # returns are matched by message id
+        headers={SCHEMA_HEADER: command.VERSION},
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
+    )
+
+
+async def write_confirmed(
+    channel: aiormq.Channel, batch: Sequence[Publish]
+) -> list[asyncio.Future[Any] | BaseException]:
+    """Send every publish of `batch` in one socket write; returns one confirm future each.
+
+    aiormq's `basic_publish` writes (a system call) and waits for its writer once per message,
+    holding the channel lock meanwhile; under load that dominates a gateway's CPU. This does
+    what it does for each message (the next delivery tag, a confirm future under that tag, the
+    message id for a return) for the whole batch, under the same lock, numbering the messages
+    only once their frames are queued (a cancelled wait numbers nothing). A future fails with
+    DeliveryError on a nack, PublishError on a return (the channel raises on returns), and the
+    close reason if the channel closes first. A message that cannot be encoded gets its error
+    in place of a future; the others are sent.
+
+    This leans on the channel's bookkeeping attributes (`lock`, `delivery_tag`,
+    `confirmations`, `message_id_delivery_tag`, `write_queue`), unchanged from aiormq 6.x to
+    7.2; tests/test_tasks.py (publishes written together ...) pins the behaviour for upgrades.
+    """
+    if not channel.publisher_confirms:  # no confirm would ever complete the futures
+        raise ValueError("write_confirmed needs a channel with publisher confirms")
+    encoded = [_encode(publish, channel) for publish in batch]
+    payload = b"".join(e for e in encoded if isinstance(e, bytes))
+    if not payload:
+        return [e for e in encoded if isinstance(e, BaseException)]
+    written = channel.create_future()
+    async with channel.lock:
+        await channel.write_queue.put(
+            ChannelFrame(payload, should_close=False, drain_future=written)
+        )
+        outcomes: list[asyncio.Future[Any] | BaseException] = [
+            e if isinstance(e, BaseException) else _expect_confirm(channel, p.properties)
+            for p, e in zip(batch, encoded, strict=True)
+        ]
+    await written
+    return outcomes
+
+
+def _encode(publish: Publish, channel: aiormq.Channel) -> bytes | ValueError | TypeError:
+    """The frames of one publish (method, header, body split to the frame size), marshalled."""
+    body, size = publish.body, channel.max_content_size
+    try:
+        frames: list[pamqp.frame.FrameTypes] = [
+            spec.Basic.Publish(
+                exchange=publish.exchange, routing_key=publish.routing_key, mandatory=True
+            ),
+            ContentHeader(properties=publish.properties, body_size=len(body)),
+            *(ContentBody(body[i : i + size]) for i in range(0, len(body), size)),
+        ]
+        return b"".join(pamqp.frame.marshal(frame, channel.number) for frame in frames)
+    except (ValueError, TypeError) as exc:  # pamqp's words for a value AMQP cannot carry
+        return exc
+
+
+def _expect_confirm(channel: aiormq.Channel, props: spec.Basic.Properties) -> asyncio.Future[Any]:
+    message_id = props.message_id or ""
+    channel.delivery_tag += 1
+    tag = channel.delivery_tag
+    confirm: asyncio.Future[Any] = channel.create_future()
+    channel.confirmations[tag] = confirm
+    channel.message_id_delivery_tag[message_id] = tag
+    confirm.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
+    return confirm
+
+
+def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
+    if channel.message_id_delivery_tag.get(message_id) == tag:
+        del channel.message_id_delivery_tag[message_id]
+
+
 @dataclass
 class Broker:
     """One robust connection; a confirming publish channel; consumers open their own channels."""
@@ -92,10 +189,10 @@ class Broker:
     connection: AbstractRobustConnection
     channel: AbstractChannel
     cascade: Cascade
-    publisher: DelayPublisher = field(init=False)
+    _outbox: Batcher[Publish, asyncio.Future[Any]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.publisher = DelayPublisher(self.channel, self.cascade)
+        self._outbox = Batcher(self._write, limit=PUBLISH_BATCH_LIMIT)
 
     @classmethod
     async def connect(cls, settings: Settings) -> Broker:
@@ -122,18 +219,34 @@ class Broker:
     ) -> None:
         """Publish persistently and wait for the broker's confirm; BrokerUnavailable otherwise.
 
-        Re-publishing (a retry, or the rest of a delay longer than one pass of the cascade)
-        also goes through here: a fresh message carries no `x-death` history, so RabbitMQ's
-        dead-letter cycle detection cannot drop it.
+        Delays follow the cascade's rule (`DelayPublisher`): whole units rounded up, at most
+        one pass. Re-publishing (a retry, or the rest of a delay longer than one pass of the
+        cascade) also goes through here: a fresh message carries no `x-death` history, so
+        RabbitMQ's dead-letter cycle detection cannot drop it.
         """
         try:
-            await self.publisher.publish(
-                encode(command, message_id=message_id),
-                delay_ms,
-                destination or command.DESTINATION,
+            units = self.cascade.units_for(delay_ms)
+            publish = Publish(
+                exchange=self.cascade.entry_exchange(units),
+                routing_key=self.cascade.routing_key(units, destination or command.DESTINATION),
+                body=command.model_dump_json().encode(),
+                properties=properties(command, message_id),
             )
+            confirm = await self._outbox.submit(publish)
+            if isinstance(result := await confirm, aiormq.abc.DeliveredMessage):
+                raise aiormq.exceptions.PublishError(result, result.delivery)  # unroutable
         except Exception as exc:
             raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _write(self, batch: list[Publish]) -> list[asyncio.Future[Any] | BaseException]:
+        # Broker down: fail at once, as aio-pika's publish does, rather than wait for the robust
+        # connection to come back (the caller leaves the work to the reconciler).
+        if self.channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{self.channel!r} closed")
+        channel = await self.channel.get_underlay_channel()
+        if not isinstance(channel, aiormq.Channel):
+            raise TypeError(f"unexpected channel type {type(channel).__name__}")
+        return await write_confirmed(channel, batch)
 
     def is_ready(self) -> bool:
         return not self.connection.is_closed and not self.channel.is_closed

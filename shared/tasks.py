@@ -13,9 +13,11 @@ import asyncio
 import hashlib
 import json
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal, cast
 
 import pymysql
@@ -25,9 +27,10 @@ from schemas.api_keys import iso_utc
 from schemas.messages import ExpireTask
 from schemas.tasks import TaskCallback, TaskEvent, TaskStatus
 from shared import metrics
+from shared.batching import Batcher
 from shared.broker import Broker, BrokerUnavailable
 from shared.callbacks import NewEvent, publish_events, record_events
-from shared.db import Database, Row, utcnow
+from shared.db import Database, DatabaseUnavailable, Row, utcnow
 from shared.idempotency import KEY_RULE, valid_key
 from shared.ids import new_record_id
 
@@ -209,6 +212,66 @@ async def _schedule(broker: Broker, task_id: str, due_at_ms: int) -> None:
 
 
 # ----------------------------------------------------------------------------- add
+# Adds are written in batches: every add that arrives while the previous batch's transaction is
+# in flight shares the next one (one multi-row INSERT per table, one commit, one fsync), so MySQL
+# work per add is a share of a transaction, not a transaction of its own. The answer still waits
+# for the add's own commit. A row that fails (an Idempotency-Key used before) makes its batch be
+# retried in halves, so only that row's request sees the failure.
+
+# Adds in one transaction, at most; and at most this much JSON (data + the ADD event's copy).
+ADD_BATCH_LIMIT = 200
+ADD_BATCH_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _NewTask:
+    """A validated add, ready to insert."""
+
+    task_id: str
+    key_id: int
+    data_json: str
+    expire_at: datetime
+    idempotency_key: str | None
+    fingerprint: str | None
+    created_at: datetime
+    event: NewEvent
+
+    @property
+    def weight(self) -> int:
+        return 2 * len(self.data_json)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    added: Added
+    event_id: str | None  # None for an idempotent replay (nothing new to publish)
+
+
+# One batcher per Database, so per process (and per pool): the batches of a gateway.
+_AddBatcher = Batcher[_NewTask, _Stored]
+_batchers: weakref.WeakKeyDictionary[Database, _AddBatcher] = weakref.WeakKeyDictionary()
+
+
+def _batcher(db: Database) -> _AddBatcher:
+    batcher = _batchers.get(db)
+    if batcher is None:
+        # By weak reference: a batcher holding its Database would keep its own entry alive.
+        batcher = _batchers[db] = Batcher(
+            partial(_store_in, weakref.ref(db)),
+            limit=ADD_BATCH_LIMIT,
+            weight=lambda new: new.weight,
+            max_weight=ADD_BATCH_BYTES,
+        )
+    return batcher
+
+
+async def _store_in(
+    db: weakref.ref[Database], batch: list[_NewTask]
+) -> list[_Stored | BaseException]:
+    database = db()
+    if database is None:  # only if a request outlived its app's database
+        raise DatabaseUnavailable("the database was closed")
+    return await _store(database, batch)
 
 
 async def add_task(
@@ -231,25 +294,83 @@ async def add_task(
     check_expiry(due, now)
     data_json = encode_data(data, max_data_bytes)
     idempotency_key = check_idempotency_key(idempotency_key)
-    fingerprint = request_fingerprint(data, due) if idempotency_key else None
     task_id = new_record_id()
-    try:
-        async with db.transaction() as cur:
-            await cur.execute(
-                "INSERT INTO tasks (task_id, api_key_id, data, expire_at, idempotency_key,"
-                " request_hash, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (task_id, key_id, data_json, due, idempotency_key, fingerprint, now),
-            )
-            event_ids = await record_events(cur, [_event(key_id, task_id, due, "ADD", data)])
-    except pymysql.err.IntegrityError:
-        if idempotency_key is None or fingerprint is None:
-            raise
-        return await _replay(db, key_id, idempotency_key, fingerprint)
+    new = _NewTask(
+        task_id=task_id,
+        key_id=key_id,
+        data_json=data_json,
+        expire_at=due,
+        idempotency_key=idempotency_key,
+        fingerprint=request_fingerprint(data, due) if idempotency_key else None,
+        created_at=now,
+        event=_event(key_id, task_id, due, "ADD", data),
+    )
+    stored = await _batcher(db).submit(new)
+    if stored.event_id is None:
+        return stored.added
     metrics.TASKS.labels("added").inc()
     await asyncio.gather(
-        _schedule(broker, task_id, epoch_ms(due)), publish_events(broker, event_ids)
+        _schedule(broker, task_id, epoch_ms(due)), publish_events(broker, [stored.event_id])
     )
-    return Added(task_id=task_id, created=True)
+    return stored.added
+
+
+async def _store(db: Database, batch: list[_NewTask]) -> list[_Stored | BaseException]:
+    """Insert a batch in one transaction, or find each row's own outcome: never raises.
+
+    When the batch fails for any reason but MySQL being unreachable, it rolls back and each
+    half is stored on its own, down to the row that fails: the other rows commit, and only its
+    request sees the error (a duplicate Idempotency-Key, or anything else one row can cause).
+    """
+    try:
+        event_ids = await _insert(db, batch)
+    except Exception as exc:
+        if isinstance(exc, DatabaseUnavailable):
+            return [exc] * len(batch)  # every request answers 503
+        if len(batch) > 1:
+            half = len(batch) // 2
+            return [*await _store(db, batch[:half]), *await _store(db, batch[half:])]
+        if isinstance(exc, pymysql.err.IntegrityError):
+            return [await _stored_before(db, batch[0], exc)]
+        return [exc]
+    return [
+        _Stored(Added(new.task_id, created=True), event_id)
+        for new, event_id in zip(batch, event_ids, strict=True)
+    ]
+
+
+async def _insert(db: Database, batch: list[_NewTask]) -> list[str]:
+    async with db.transaction() as cur:
+        await cur.executemany(
+            "INSERT INTO tasks (task_id, api_key_id, data, expire_at, idempotency_key,"
+            " request_hash, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            [
+                (
+                    new.task_id,
+                    new.key_id,
+                    new.data_json,
+                    new.expire_at,
+                    new.idempotency_key,
+                    new.fingerprint,
+                    new.created_at,
+                )
+                for new in batch
+            ],
+        )
+        return await record_events(cur, [new.event for new in batch])
+
+
+async def _stored_before(
+    db: Database, new: _NewTask, error: pymysql.err.IntegrityError
+) -> _Stored | BaseException:
+    """A row that would not insert: an idempotent replay, a conflict, or the error itself."""
+    if new.idempotency_key is None or new.fingerprint is None:
+        return error
+    try:
+        added = await _replay(db, new.key_id, new.idempotency_key, new.fingerprint)
+    except Exception as exc:
+        return exc
+    return _Stored(added, event_id=None)
 
 
 async def _replay(db: Database, key_id: int, idempotency_key: str, fingerprint: str) -> Added:

@@ -19,6 +19,9 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import aio_pika
+import aiormq
+import pamqp.commands
+import pymysql
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -30,6 +33,8 @@ from gateway.app import create_app
 from gateway.app_keys import BROKER, DB
 from schemas.messages import ExpireTask
 from shared import tasks
+from shared.batching import Batcher
+from shared.broker import Publish, write_confirmed
 from shared.db import Database, utcnow
 from shared.ids import new_record_id
 from shared.settings import Settings
@@ -398,6 +403,170 @@ async def test_idempotency_key(client: Client, make_key: Any) -> None:
     # Without the header every request is a new task.
     plain = [(await add(client, key, when, body["data"]))["taskId"] for _ in range(2)]
     assert len(set(plain)) == 2
+
+
+async def test_concurrent_adds_each_keep_their_own_data(client: Client, make_key: Any) -> None:
+    """Adds that share a batch (one transaction) must not lose or swap rows or events."""
+    key = await make_key()
+    db = db_of(client)
+    count = 150
+    base = in_ms(3_600_000)
+    sent = [
+        ({"i": i, "tag": secrets.token_hex(4), "text": "ü" * (i % 7)}, base + timedelta(seconds=i))
+        for i in range(count)
+    ]
+    answers = await asyncio.gather(*(add(client, key, when, data) for data, when in sent))
+    task_ids = [a["taskId"] for a in answers]
+    assert len(set(task_ids)) == count
+
+    async def get(task_id: str) -> dict[str, Any]:
+        resp = await client.post(
+            "/server/queue/get", json={"queue_id": task_id}, headers=key["headers"]
+        )
+        state: dict[str, Any] = await resp.json()
+        return state
+
+    states = await asyncio.gather(*(get(t) for t in task_ids))
+    for (data, when), state in zip(sent, states, strict=True):
+        assert state["status"] == "PENDING" and state["data"] == data
+        assert state["expire_date"] == iso(when)
+    rows = await db.fetchall(
+        "SELECT e.subject_id, e.event_type, e.payload FROM callback_events e"
+        " JOIN api_keys k ON k.id = e.api_key_id WHERE k.api_name = %s",
+        (key["api_name"],),
+    )
+    by_task = {row["subject_id"]: json.loads(row["payload"]) for row in rows}
+    assert len(rows) == count and {r["event_type"] for r in rows} == {"task.added"}
+    for task_id, (data, when) in zip(task_ids, sent, strict=True):
+        assert by_task[task_id] == {
+            "queue_id": task_id,
+            "expire_data": iso(when),
+            "event": "ADD",
+            "data": data,
+        }
+
+
+async def test_a_refused_add_does_not_fail_the_others_in_its_batch(
+    client: Client, make_key: Any
+) -> None:
+    """One batch holding a replay, a conflict, a same-key pair and a row MySQL refuses: each
+    gets its own answer, and the others are stored."""
+    key = await make_key()
+    db, broker = db_of(client), client.app[BROKER]
+    key_id = (await db.fetchone("SELECT id FROM api_keys WHERE api_name = %s", (key["api_name"],)))[
+        "id"
+    ]
+    when = in_ms(3_600_000)
+
+    async def add_direct(
+        data: dict[str, Any], idempotency_key: str | None = None, key: int | None = None
+    ) -> Any:
+        return await tasks.add_task(
+            db,
+            broker,
+            key_id=key_id if key is None else key,
+            data=data,
+            expire_at=when,
+            max_data_bytes=65_536,
+            idempotency_key=idempotency_key,
+        )
+
+    used, fresh = f"used-{secrets.token_hex(4)}", f"fresh-{secrets.token_hex(4)}"
+    first = await add_direct({"first": True}, used)
+    # Submitted in the same loop turn, so they are written together.
+    outcomes = await asyncio.gather(
+        *(add_direct({"plain": i}) for i in range(10)),
+        add_direct({"first": False}, used),  # a different body: conflict
+        add_direct({"first": True}, used),  # a retry: the earlier task
+        add_direct({"pair": 1}, fresh),  # the same new key twice: one task
+        add_direct({"pair": 1}, fresh),
+        add_direct({"bad": "key"}, key=-1),  # a row MySQL refuses (column out of range)
+        *(add_direct({"plain": i}) for i in range(10, 20)),
+        return_exceptions=True,
+    )
+    plain = [*outcomes[:10], *outcomes[15:]]
+    conflict, retry, pair_a, pair_b, refused = outcomes[10:15]
+    assert isinstance(refused, pymysql.err.DataError)
+    assert isinstance(conflict, tasks.IdempotencyConflict)
+    assert isinstance(retry, tasks.Added) and retry.task_id == first.task_id and not retry.created
+    assert isinstance(pair_a, tasks.Added) and isinstance(pair_b, tasks.Added)
+    assert pair_a.task_id == pair_b.task_id and [pair_a.created, pair_b.created].count(True) == 1
+    assert all(isinstance(a, tasks.Added) and a.created for a in plain)
+
+    rows = await db.fetchall("SELECT task_id, data FROM tasks WHERE api_key_id = %s", (key_id,))
+    stored = {row["task_id"]: json.loads(row["data"]) for row in rows}
+    assert len(stored) == 22  # first, the pair, 20 plain
+    assert stored[first.task_id] == {"first": True} and stored[pair_a.task_id] == {"pair": 1}
+    assert [stored[a.task_id] for a in plain] == [{"plain": i} for i in range(20)]
+    for task_id in stored:
+        assert [e["event_type"] for e in await events(db, task_id)] == ["task.added"]
+
+
+async def test_batcher_groups_what_arrives_during_a_flush_and_fails_items_alone() -> None:
+    flushed: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int | BaseException]:
+        flushed.append(items)
+        await asyncio.sleep(0.01)
+        return [ValueError(i) if i == 4 else i * 2 for i in items]
+
+    batcher: Batcher[int, int] = Batcher(flush, limit=3, weight=lambda i: i, max_weight=12)
+    outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(9)), return_exceptions=True)
+    assert outcomes[:4] == [0, 2, 4, 6] and isinstance(outcomes[4], ValueError)
+    assert outcomes[5:] == [10, 12, 14, 16]
+    # Three at most, twelve by weight at most (but always one): 8 alone is over neither.
+    assert flushed == [[0, 1, 2], [3, 4, 5], [6], [7], [8]]
+
+    async def broken(items: list[int]) -> list[int | BaseException]:
+        raise RuntimeError("MySQL went away")
+
+    failing: Batcher[int, int] = Batcher(broken, limit=10)
+    outcomes = await asyncio.gather(*(failing.submit(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+async def test_publishes_written_together_are_confirmed_one_by_one(amqp_url: str) -> None:
+    """One socket write for a batch, but each message keeps its own confirm: a message that
+    cannot be routed or encoded fails alone, and the rest arrive once each, in order."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        queue = await channel.declare_queue(exclusive=True)
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+
+        def to(routing_key: str, message_id: str) -> Publish:
+            return Publish(
+                "",
+                routing_key,
+                message_id.encode(),
+                pamqp.commands.Basic.Properties(message_id=message_id, delivery_mode=2),
+            )
+
+        good = [f"m{i}" for i in range(40)]
+        batch = [to(queue.name, m) for m in good[:20]]
+        batch += [to("no-such-queue", "lost"), to("x" * 300, "too-long")]
+        batch += [to(queue.name, m) for m in good[20:]]
+        outcomes = await write_confirmed(underlay, batch)
+        assert isinstance(outcomes[21], TypeError)  # a routing key AMQP cannot carry
+        confirmed = await asyncio.gather(
+            *(o for o in outcomes if isinstance(o, asyncio.Future)), return_exceptions=True
+        )
+        assert isinstance(confirmed[20], aiormq.exceptions.PublishError)  # returned: unroutable
+        assert not [c for i, c in enumerate(confirmed) if i != 20 and isinstance(c, Exception)]
+
+        received: list[str] = []
+        async with queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                received.append(message.body.decode())
+                if len(received) == len(good):
+                    break
+        assert received == good
+        await asyncio.sleep(0.2)
+        assert await queue.get(fail=False) is None
+    finally:
+        await connection.close()
 
 
 async def test_duplicate_timers_fire_exactly_once(client: Client, make_key: Any) -> None:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from shared import callbacks
+from shared.batching import Batcher
 from shared.crypto import new_webhook_secret
 from shared.settings import Settings
 from shared.signing import verify_callback_token
@@ -28,7 +29,6 @@ from shared.webhooks import (
     parse_retry_after,
     standard_signature,
 )
-from workers.callbacks import Batcher
 
 SALT = "a-test-salt-that-is-long-enough-0123456789"
 BODY = json.dumps({"queue_id": "q1", "event": "ADD", "data": {"a": 1}}, separators=(",", ":"))

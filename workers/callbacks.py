@@ -9,12 +9,9 @@ message parked in the cascade. Claims and results reach MySQL in batches (see `B
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Generic, TypeVar
 
 import aiohttp
 import structlog
@@ -22,6 +19,7 @@ from cryptography.exceptions import InvalidTag
 
 from schemas.messages import Command, DeliverCallback
 from shared import callbacks, crypto, metrics, webhooks
+from shared.batching import Batcher
 from shared.broker import BrokerUnavailable, cascade_for
 from shared.callbacks import Claim, Delivery, Finished
 from shared.db import utcnow
@@ -39,64 +37,6 @@ BUSY_CAP_MS = 30_000.0
 # Events claimed or finished in one MySQL batch, at most; and batches in flight at once.
 BATCH_LIMIT = 200
 BATCH_PARALLEL = 1
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-class Batcher(Generic[T, R]):
-    """Runs `flush` over everything submitted while earlier flushes ran (`parallel` at a time).
-
-    Alone, an item is flushed at once (nothing waits for a batch to fill); under load, the items
-    arriving during one transaction share the next, so MySQL commits once per batch instead of
-    once per delivery. `flush` returns one result per item, in order.
-    """
-
-    def __init__(
-        self,
-        flush: Callable[[list[T]], Awaitable[Sequence[R]]],
-        *,
-        limit: int,
-        parallel: int,
-    ) -> None:
-        self._flush = flush
-        self._limit = limit
-        self._parallel = parallel
-        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
-        self._drainers: set[asyncio.Task[None]] = set()
-
-    async def submit(self, item: T) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
-        # A drainer that has finished may not have left the set yet (its done-callback runs
-        # later), and it will take nothing more: count only the running ones.
-        if sum(not d.done() for d in self._drainers) < self._parallel:
-            drainer = asyncio.create_task(self._drain())
-            self._drainers.add(drainer)
-            drainer.add_done_callback(self._drainers.discard)
-        return await future
-
-    async def wait_idle(self, within: float) -> None:
-        """Let the flushes under way finish (bounded), so none is cut off at shutdown."""
-        if self._drainers:
-            await asyncio.wait(self._drainers, timeout=within)
-
-    async def _drain(self) -> None:
-        while self._waiting:
-            batch = self._waiting[: self._limit]
-            del self._waiting[: self._limit]
-            try:
-                results = list(await self._flush([item for item, _ in batch]))
-                if len(results) != len(batch):
-                    raise RuntimeError("a batch flush returned the wrong number of results")
-            except Exception as exc:  # every submitter gets the error (e.g. MySQL down)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():  # a submitter cancelled meanwhile (worker stopping)
-                    future.set_result(result)
 
 
 class CallbackWorker:
