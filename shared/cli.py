@@ -66,6 +66,7 @@ def _serve_http(
     from aiohttp import web
 
     from gateway.app import create_app
+    from shared.gc_tuning import freeze_startup_objects
     from shared.migrate import migrate as apply_migrations
     from workers.registry import WORKERS
 
@@ -74,6 +75,11 @@ def _serve_http(
     app = create_app(
         settings, setup_broker=setup_broker, workers=sorted(WORKERS) if with_workers else ()
     )
+
+    async def tune_gc(_: web.Application) -> None:  # after every cleanup_ctx has started
+        freeze_startup_objects()
+
+    app.on_startup.append(tune_gc)
     web.run_app(
         app,
         host=settings.HOST,

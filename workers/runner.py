@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import structlog
 
+from shared.gc_tuning import freeze_startup_objects
 from shared.resources import open_broker, open_database
 from shared.settings import Settings
 from workers.registry import WORKERS
@@ -49,5 +50,6 @@ async def serve_workers(settings: Settings, names: Sequence[str]) -> None:
 
 async def _serve(ctx: Context, names: Sequence[str]) -> None:
     async with running(ctx, names):
+        freeze_startup_objects()
         log.info("workers.running", workers=list(names))
         await wait_for_stop_signal()
