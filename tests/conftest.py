@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +24,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from receiver import Receiver
+from ses_emulator import SesEmulator
 
 from gateway.app import create_app
 from shared.migrate import migrate
 from shared.settings import Settings
 from workers.registry import WORKERS
 
-MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
+MYSQL: dict[str, Any] = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
+SES_SENDER = "noreply@example.com"  # verified at every emulator `isolated_ses` starts
 AMQP_BASE = os.environ.get("TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
 
 
@@ -59,6 +62,39 @@ def amqp_url(run_id: str) -> Iterator[str]:
     _rabbitmqctl("set_permissions", "-p", run_id, "guest", ".*", ".*", ".*")
     yield f"{AMQP_BASE}/{run_id}"
     _rabbitmqctl("delete_vhost", run_id)
+
+
+@asynccontextmanager
+async def isolated_ses(
+    base_env: dict[str, str], prefix: str, **overrides: str
+) -> AsyncIterator[tuple[dict[str, str], SesEmulator]]:
+    """A module's own database, vhost and SES emulator (sender verified), removed on exit.
+
+    Yields the environment for Settings and for `queue-server` subprocesses: the session's,
+    pointed at the new database, vhost and emulator, with `overrides` on top.
+    """
+    run = f"{prefix}_{secrets.token_hex(4)}"
+    _rabbitmqctl("add_vhost", run)
+    _rabbitmqctl("set_permissions", "-p", run, "guest", ".*", ".*", ".*")
+    ses = await SesEmulator.start()
+    env = {
+        **base_env,
+        "MYSQL_DB": run,
+        "RABBITMQ_URL": f"{AMQP_BASE}/{run}",
+        "EMAIL_TRANSPORT": "ses",
+        **ses.aws_env(),
+        **overrides,
+    }
+    try:
+        await ses.verify_sender(SES_SENDER)
+        yield env, ses
+    finally:
+        ses.stop()
+        conn = pymysql.connect(**MYSQL)
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{run}`")
+        conn.close()
+        _rabbitmqctl("delete_vhost", run)
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,6 @@ import email
 import email.policy
 import json
 import os
-import secrets
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pymysql
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AMQP_BASE, MYSQL, ServiceProcess, start_service
+from conftest import SES_SENDER, ServiceProcess, isolated_ses, start_service
 from ses_emulator import SesEmulator, max_in_window
 
 from gateway.app import create_app
@@ -42,7 +39,7 @@ from shared.settings import Settings
 from workers.email import EmailWorker
 from workers.runtime import Context
 
-SENDER = "noreply@example.com"
+SENDER = SES_SENDER
 # The rate tests measure at the proxy, a process that waits for CPU on a loaded test machine:
 # its timestamps lag by up to ~100 ms. The margin must cover that lag (see shared/ratelimit.py).
 JITTERY = {"EMAIL_RATE_MARGIN_MS": 250.0}
@@ -67,30 +64,13 @@ class Stack:
     admin: dict[str, str]
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 async def stack(
     base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
-    run = f"qs_email_{secrets.token_hex(4)}"
-    _rabbitmqctl("add_vhost", run)
-    _rabbitmqctl("set_permissions", "-p", run, "guest", ".*", ".*", ".*")
-    ses = await SesEmulator.start()
-    env = {
-        **base_env,
-        "MYSQL_DB": run,
-        "RABBITMQ_URL": f"{AMQP_BASE}/{run}",
-        "EMAIL_TRANSPORT": "ses",
-        "AWS_SES_SEND_LIMIT_PER_SEC": "1000",
-        **ses.aws_env(),
-    }
-    settings = Settings(_env_file=None, **env)  # type: ignore[call-arg]
-    try:
+    async with isolated_ses(base_env, "qs_email", AWS_SES_SEND_LIMIT_PER_SEC="1000") as (env, ses):
+        settings = Settings(_env_file=None, **env)  # type: ignore[call-arg]
         await migrate(settings)
-        await ses.verify_sender(SENDER)
         async with open_database(settings) as db, open_broker(settings, setup=True) as broker:
             key = await apikeys.create_key(
                 db,
@@ -112,13 +92,6 @@ async def stack(
                     key_headers={"Authorization": f"Bearer {key.plaintext}"},
                     admin={"Authorization": f"Bearer {settings.ADMIN_API_KEY.get_secret_value()}"},
                 )
-    finally:
-        ses.stop()
-        conn = pymysql.connect(**MYSQL)  # type: ignore[arg-type]
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{run}`")
-        conn.close()
-        _rabbitmqctl("delete_vhost", run)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import secrets
 import signal
 import subprocess
 import time
@@ -33,14 +32,14 @@ from typing import Any
 import aio_pika
 import aiohttp
 import pytest
-from conftest import AMQP_BASE, ServiceProcess, db_rows, free_port, start_service
+from conftest import SES_SENDER, ServiceProcess, db_rows, free_port, isolated_ses, start_service
 from receiver import Answer, Received, Receiver
 from ses_emulator import SesEmulator
 
 from shared.broker import DEAD_LETTER_QUEUE, WORK_QUEUES
 from shared.settings import Settings
 
-SENDER = "noreply@example.com"
+SENDER = SES_SENDER
 WORKERS = ("reconciler", "expiry", "callbacks", "email", "ses-events")
 # A queue each consuming worker attaches to once it is up (the reconciler consumes none).
 CONSUMES = {
@@ -52,7 +51,6 @@ CONSUMES = {
 # Short timers everywhere, so the suite converges in seconds after the last fault.
 FAST = {
     "LOG_LEVEL": "WARNING",
-    "EMAIL_TRANSPORT": "ses",
     "AWS_SES_SEND_LIMIT_PER_SEC": "50",
     "EMAIL_LEASE_SECONDS": "10",
     "EMAIL_RETRY_BASE_MS": "200",
@@ -148,24 +146,15 @@ class Fleet:
 async def fleet(
     base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Fleet]:
-    run_id = f"qs_chaos_{secrets.token_hex(4)}"
-    await run("rabbitmqctl", "-q", "add_vhost", run_id)
-    await run("rabbitmqctl", "-q", "set_permissions", "-p", run_id, "guest", ".*", ".*", ".*")
-    ses = await SesEmulator.start()
-    env = {**base_env, **FAST, **ses.aws_env(), "MYSQL_DB": run_id}
-    env["RABBITMQ_URL"] = f"{AMQP_BASE}/{run_id}"
-    fleet = Fleet(env, tmp_path_factory.mktemp("chaos"), free_port(), ses)
-    try:
-        await ses.verify_sender(SENDER)
-        await fleet.start("gateway")  # migrates and declares the topology first
-        for name in WORKERS:
-            await fleet.start(name)
-        yield fleet
-    finally:
-        fleet.stop_all()
-        ses.stop()
-        db_rows(fleet.settings, f"DROP DATABASE IF EXISTS `{run_id}`")
-        await run("rabbitmqctl", "-q", "delete_vhost", run_id)
+    async with isolated_ses(base_env, "qs_chaos", **FAST) as (env, ses):
+        fleet = Fleet(env, tmp_path_factory.mktemp("chaos"), free_port(), ses)
+        try:
+            await fleet.start("gateway")  # migrates and declares the topology first
+            for name in WORKERS:
+                await fleet.start(name)
+            yield fleet
+        finally:
+            fleet.stop_all()
 
 
 # --- the load -------------------------------------------------------------------------------

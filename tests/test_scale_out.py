@@ -25,7 +25,6 @@ import contextlib
 import os
 import random
 import re
-import secrets
 import signal
 import subprocess
 import time
@@ -38,16 +37,15 @@ from typing import Any
 
 import aio_pika
 import aiohttp
-import pymysql
 import pytest
-from conftest import AMQP_BASE, ServiceProcess, db_rows, start_service
+from conftest import SES_SENDER, ServiceProcess, db_rows, isolated_ses, start_service
 from receiver import Receiver
 from ses_emulator import SesEmulator, max_in_window
 
 from shared.broker import WORK_QUEUES
 from shared.settings import Settings
 
-SENDER = "noreply@example.com"
+SENDER = SES_SENDER
 RATE = 20  # AWS_SES_SEND_LIMIT_PER_SEC, for the whole fleet
 # Send slots are (1 s + margin) / RATE apart and a request may reach SES up to `margin` after
 # its slot (shared/ratelimit.py). On this 2-core machine, shared with other test runs, a
@@ -60,10 +58,6 @@ TASKS = 200
 EMAIL_WORKERS = ("email-worker-1", "email-worker-2", "email-worker-3")  # their access key ids
 OTHER_WORKERS = ("reconciler", "expiry", "callbacks", "ses-events")
 X_EMAIL_ID = re.compile(r"^X-Email-Id:\s*(\S+)\s*$", re.MULTILINE | re.IGNORECASE)
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 def iso(moment: datetime) -> str:
@@ -84,42 +78,20 @@ class Isolated:
 
 @pytest.fixture(scope="module")
 async def isolated(base_env: dict[str, str]) -> AsyncIterator[Isolated]:
-    run = f"qs_scale_{secrets.token_hex(4)}"
-    _rabbitmqctl("add_vhost", run)
-    _rabbitmqctl("set_permissions", "-p", run, "guest", ".*", ".*", ".*")
-    ses = await SesEmulator.start()
-    env = {
-        **base_env,
-        "MYSQL_DB": run,
-        "RABBITMQ_URL": f"{AMQP_BASE}/{run}",
-        "EMAIL_TRANSPORT": "ses",
+    overrides = {
         "AWS_SES_SEND_LIMIT_PER_SEC": str(RATE),
         "EMAIL_RATE_MARGIN_MS": str(MARGIN_MS),
         "SHUTDOWN_GRACE_SECONDS": "5",
-        **ses.aws_env(),
     }
-    settings = Settings.model_validate(env)  # values in `env` win over os.environ and .env
-    try:
+    async with isolated_ses(base_env, "qs_scale", **overrides) as (env, ses):
+        settings = Settings.model_validate(env)  # values in `env` win over os.environ and .env
         # The emulator stands in for SES, which our processes cannot slow down; at normal
         # priority the proxy's arrival timestamps lag whenever this machine is busy. (Needs
         # CAP_SYS_NICE; without it the measurement is merely noisier.)
         for proc in ses.procs:
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, proc.pid, -10)
-        await ses.verify_sender(SENDER)
         yield Isolated(env, settings, ses)
-    finally:
-        ses.stop()
-        conn = pymysql.connect(
-            host=settings.MYSQL_HOST,
-            port=settings.MYSQL_PORT,
-            user=settings.MYSQL_USER,
-            password=settings.MYSQL_PASS.get_secret_value(),
-        )
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{run}`")
-        conn.close()
-        _rabbitmqctl("delete_vhost", run)
 
 
 @dataclass

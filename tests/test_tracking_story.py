@@ -11,19 +11,16 @@ import asyncio
 import email
 import email.policy
 import json
-import secrets
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import pymysql
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AMQP_BASE, MYSQL
+from conftest import SES_SENDER, isolated_ses
 from receiver import Receiver
 from ses_emulator import SesEmulator
 from sns_signing import TOPIC_ARN, SnsTestSigner, dumps
@@ -37,7 +34,7 @@ from shared.pixel import GIF, pixel_token
 from shared.settings import Settings
 from workers.registry import WORKERS
 
-SENDER = "noreply@example.com"
+SENDER = SES_SENDER
 Client = TestClient[web.Request, web.Application]
 
 
@@ -52,57 +49,36 @@ class Story:
     ses: SesEmulator
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 async def story(base_env: dict[str, str]) -> AsyncIterator[Story]:
-    run = f"qs_track_{secrets.token_hex(4)}"
-    _rabbitmqctl("add_vhost", run)
-    _rabbitmqctl("set_permissions", "-p", run, "guest", ".*", ".*", ".*")
-    ses = await SesEmulator.start()
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        **{
-            **base_env,
-            "MYSQL_DB": run,
-            "RABBITMQ_URL": f"{AMQP_BASE}/{run}",
-            "EMAIL_TRANSPORT": "ses",
-            "AWS_SES_SEND_LIMIT_PER_SEC": "100",
-            "SNS_TOPIC_ARNS": TOPIC_ARN,
-            "APP_URL": "https://queue.example.com",
-            "CALLBACK_RETRY_SCHEDULE": "0,1,1",
-            **ses.aws_env(),
-        },
-    )
-    signer = SnsTestSigner.generate()
-    receiver = await Receiver.start()
-    try:
-        await migrate(settings)
-        await ses.verify_sender(SENDER)
-        app = create_app(settings, workers=sorted(WORKERS))
-        app[SNS_HTTP] = FakeSns(signer)
-        db = await Database.connect(settings)
-        async with TestServer(app) as server, TestClient(server) as http:
-            admin = {"Authorization": f"Bearer {settings.ADMIN_API_KEY.get_secret_value()}"}
-            resp = await http.post(
-                "/server/api/create",
-                headers=admin,
-                json={"api_name": "tracked", "return_api": receiver.url("events")},
-            )
-            created = await resp.json()
-            key = {"Authorization": f"Bearer {created['api_key']}"}
-            yield Story(http, db, signer, receiver, key, settings, ses)
-        await db.close()
-    finally:
-        await receiver.stop()
-        ses.stop()
-        conn = pymysql.connect(**MYSQL)  # type: ignore[arg-type]
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{run}`")
-        conn.close()
-        _rabbitmqctl("delete_vhost", run)
+    overrides = {
+        "AWS_SES_SEND_LIMIT_PER_SEC": "100",
+        "SNS_TOPIC_ARNS": TOPIC_ARN,
+        "APP_URL": "https://queue.example.com",
+        "CALLBACK_RETRY_SCHEDULE": "0,1,1",
+    }
+    async with isolated_ses(base_env, "qs_track", **overrides) as (env, ses):
+        settings = Settings(_env_file=None, **env)  # type: ignore[call-arg]
+        signer = SnsTestSigner.generate()
+        receiver = await Receiver.start()
+        try:
+            await migrate(settings)
+            app = create_app(settings, workers=sorted(WORKERS))
+            app[SNS_HTTP] = FakeSns(signer)
+            db = await Database.connect(settings)
+            async with TestServer(app) as server, TestClient(server) as http:
+                admin = {"Authorization": f"Bearer {settings.ADMIN_API_KEY.get_secret_value()}"}
+                resp = await http.post(
+                    "/server/api/create",
+                    headers=admin,
+                    json={"api_name": "tracked", "return_api": receiver.url("events")},
+                )
+                created = await resp.json()
+                key = {"Authorization": f"Bearer {created['api_key']}"}
+                yield Story(http, db, signer, receiver, key, settings, ses)
+            await db.close()
+        finally:
+            await receiver.stop()
 
 
 async def queue_email(story: Story, recipient: str) -> tuple[int, dict[str, Any]]:
