@@ -9,7 +9,8 @@ and build the raw MIME -> send slot -> transport -> SENT with the provider's mes
 ERROR (permanent rejection, or transient failures exhausted), or back to QUEUED with a delayed
 retry (throttling, transient failure, no slot in time). The message is acked only after that
 state change is committed; a worker killed mid-way leaves the command unacked (redelivered)
-and the claim expires after EMAIL_LEASE_SECONDS.
+and the claim expires after EMAIL_LEASE_SECONDS. An email whose send was stamped (it may have
+reached SES) is then not sent again but ends ERROR/SEND_UNCONFIRMED (shared.emails).
 """
 
 from __future__ import annotations
