@@ -8,7 +8,9 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
+from shared import metrics
 from shared.settings import Settings
 
 # Keys whose values never reach a log line, whatever a caller binds by mistake.
@@ -21,6 +23,19 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     for key in event.keys() & _SECRET_KEYS:
         event[key] = "[redacted]"
     return event
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse (CR/LF/NUL in a header, a bad request line)
+    at ERROR with a traceback: anyone could flood the logs that way. The client already got its
+    400; such records are counted (qs_http_malformed_requests_total) instead of logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            metrics.HTTP_MALFORMED.inc()
+            return False
+        return True
 
 
 def configure_logging(settings: Settings) -> None:
@@ -45,3 +60,6 @@ def configure_logging(settings: Settings) -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, force=True)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in server_log.filters):
+        server_log.addFilter(MalformedRequests())

@@ -17,6 +17,10 @@ HTTP_LATENCY = Histogram(
     ["route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+HTTP_MALFORMED = Counter(
+    "qs_http_malformed_requests_total",
+    "Requests aiohttp refused with 400 before any handler ran (bad request line or headers)",
+)
 MESSAGES = Counter("qs_messages_total", "Broker messages handled by outcome", ["queue", "outcome"])
 MESSAGE_SECONDS = Histogram(
     "qs_message_seconds",

@@ -883,6 +883,28 @@ async def test_slow_headers_are_cut_off(slow_gateway: ServiceProcess) -> None:
     assert max(latencies) < 1.0, latencies
 
 
+async def test_malformed_requests_are_counted_not_logged_with_tracebacks(
+    slow_gateway: ServiceProcess,
+) -> None:
+    """aiohttp logs each request it cannot parse at ERROR with a traceback: a log flood anyone
+    could cause. The gateway counts them in a metric instead."""
+    port = _port(slow_gateway)
+
+    async def malformed() -> float:
+        resp = await raw_http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        for line in resp.body.decode().splitlines():
+            if line.startswith("qs_http_malformed_requests_total "):
+                return float(line.split()[1])
+        raise AssertionError("qs_http_malformed_requests_total is not exported")
+
+    before = await malformed()
+    for header in (b"X-Bad: a\rb", b"X-Bad: a\x00b", b"X Bad: spaced name"):
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n"
+        resp = await raw_http(port, request, expect_close=True)
+        assert resp.status == 400, (header, resp)
+    assert await malformed() == before + 3
+
+
 async def test_a_body_sent_in_time_is_accepted(
     slow_gateway: ServiceProcess, make_key: KeyFactory
 ) -> None:
