@@ -6,10 +6,10 @@ sessions (and CI on a shared machine) never see each other's rows or queues.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from receiver import Receiver
-from ses_emulator import SesEmulator
+from ses_emulator import SesEmulator, free_port
 
 from gateway.app import create_app
 from shared.migrate import migrate
@@ -168,11 +168,23 @@ async def receiver() -> AsyncIterator[Receiver]:
     await started.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+async def run_command(*argv: str, timeout: float = 120) -> None:
+    """A command, without blocking the event loop: services and receivers in this process keep
+    running around it (an outage the test injects)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode == 0, f"{argv}: {err.decode()}"
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Poll `check` until it is true; fail after `timeout` seconds naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.1)
 
 
 @dataclass

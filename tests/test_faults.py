@@ -20,10 +20,9 @@ import asyncio
 import json
 import random
 import signal
-import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,7 +31,16 @@ from typing import Any
 import aio_pika
 import aiohttp
 import pytest
-from conftest import SES_SENDER, ServiceProcess, db_rows, free_port, isolated_ses, start_service
+from conftest import (
+    SES_SENDER,
+    ServiceProcess,
+    db_rows,
+    eventually,
+    free_port,
+    isolated_ses,
+    run_command,
+    start_service,
+)
 from receiver import Answer, Received, Receiver
 from ses_emulator import SesEmulator
 
@@ -62,23 +70,6 @@ FAST = {
     "SHUTDOWN_GRACE_SECONDS": "3",
     "STATUS_REFRESH_SECONDS": "5",
 }
-
-
-async def run(*argv: str, timeout: float = 120) -> None:
-    """A command without blocking the loop: the receiver and the load keep running."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode == 0, f"{argv}: {err.decode()}"
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.25)
 
 
 async def port_open(port: int) -> bool:
@@ -114,7 +105,7 @@ class Fleet:
             start_service, self.env, *args, cwd=str(self.cwd), port=port
         )
         if name in CONSUMES:
-            await until(lambda: self.consumed(CONSUMES[name]), 60, f"worker {name} to consume")
+            await eventually(lambda: self.consumed(CONSUMES[name]), 60, f"worker {name} to consume")
 
     async def consumed(self, destination: str) -> bool:
         connection = await aio_pika.connect(self.env["RABBITMQ_URL"])
@@ -249,12 +240,12 @@ async def email_load(
 
 
 async def restart_rabbitmq(down_s: float) -> None:
-    await run("rabbitmqctl", "-q", "stop_app")
+    await run_command("rabbitmqctl", "-q", "stop_app")
     try:
         await asyncio.sleep(down_s)
     finally:
-        await run("rabbitmqctl", "-q", "start_app")
-        await run("rabbitmqctl", "-q", "await_startup")
+        await run_command("rabbitmqctl", "-q", "start_app")
+        await run_command("rabbitmqctl", "-q", "await_startup")
 
 
 async def mariadbd_gone() -> bool:
@@ -265,14 +256,14 @@ async def mariadbd_gone() -> bool:
 
 
 async def restart_mariadb(down_s: float) -> None:
-    await run("mysqladmin", "-uroot", "shutdown", timeout=60)
+    await run_command("mysqladmin", "-uroot", "shutdown", timeout=60)
     try:
-        await until(mariadbd_gone, 60, "MariaDB to stop")
+        await eventually(mariadbd_gone, 60, "MariaDB to stop")
         await asyncio.sleep(down_s)
     finally:
         daemon = ("start-stop-daemon", "--start", "--oknodo", "--background", "--exec")
-        await run(*daemon, "/usr/sbin/mariadbd", timeout=30)
-        await until(lambda: port_open(3306), 60, "MariaDB to start")
+        await run_command(*daemon, "/usr/sbin/mariadbd", timeout=30)
+        await eventually(lambda: port_open(3306), 60, "MariaDB to start")
 
 
 async def inject_faults(fleet: Fleet, failing: dict[str, bool]) -> list[str]:

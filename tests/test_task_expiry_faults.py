@@ -11,9 +11,7 @@ import asyncio
 import json
 import secrets
 import signal
-import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import aio_pika
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import AMQP_BASE, ServiceProcess, start_service
+from conftest import AMQP_BASE, ServiceProcess, eventually, run_command, start_service
 from pydantic import SecretStr
 
 from gateway.app_keys import DB
@@ -36,22 +34,8 @@ from shared.settings import Settings
 Client = TestClient[web.Request, web.Application]
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 async def rabbitmqctl(*args: str) -> None:
-    """Without blocking the loop: the in-process service keeps running around the outage."""
-    proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "-q", *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, err.decode()
+    await run_command("rabbitmqctl", "-q", *args)
 
 
 async def statuses(db: Database, task_ids: list[str]) -> dict[str, int]:
@@ -116,14 +100,14 @@ async def test_rabbitmq_restart_with_tasks_pending(
         return await consumers_on_expiry(settings) > 0
 
     # aio-pika's robust connection reconnects after ~5 s; the consumer must come back with it.
-    await wait_until(consuming_again, 30, "the expiry worker to consume again after the restart")
+    await eventually(consuming_again, 30, "the expiry worker to consume again after the restart")
 
     async def all_fired() -> bool:
         return (await statuses(db, soon)).get("EXPIRED", 0) == len(soon)
 
     # Timers survive in the quorum levels; those due long before the consumer came back may
     # be fired by the reconciler first (either way: once).
-    await wait_until(
+    await eventually(
         all_fired,
         settings.RECONCILE_GRACE_SECONDS + settings.RECONCILE_INTERVAL_SECONDS + 30,
         "every task due around the outage to expire",
@@ -139,7 +123,7 @@ async def test_rabbitmq_restart_with_tasks_pending(
     async def after_fired() -> bool:
         return (await statuses(db, [after])).get("EXPIRED", 0) == 1
 
-    await wait_until(after_fired, 5, "a task added after the restart to expire on time")
+    await eventually(after_fired, 5, "a task added after the restart to expire on time")
     row = await db.fetchone("SELECT fired_by FROM tasks WHERE task_id = %s", (after,))
     assert row == {"fired_by": "timer"}
 
@@ -196,7 +180,7 @@ async def test_kill_9_expiry_worker_mid_storm(
     async with open_database(storm_rig) as db, open_broker(storm_rig) as broker:
         key_id = await key_id_of(db, key)
         try:
-            await wait_until(
+            await eventually(
                 lambda: _has_consumer(storm_rig), 30, "the expiry worker to start consuming"
             )
             due = datetime.now(UTC) + timedelta(seconds=4)
@@ -216,7 +200,7 @@ async def test_kill_9_expiry_worker_mid_storm(
             async def some_fired() -> bool:
                 return (await statuses(db, ids)).get("EXPIRED", 0) >= STORM // 5
 
-            await wait_until(some_fired, 30, "the storm to start")
+            await eventually(some_fired, 30, "the storm to start")
             first.proc.send_signal(signal.SIGKILL)
             first.proc.wait(10)
             at_kill = await statuses(db, ids)
@@ -227,7 +211,7 @@ async def test_kill_9_expiry_worker_mid_storm(
             async def all_fired() -> bool:
                 return (await statuses(db, ids)).get("EXPIRED", 0) == STORM
 
-            await wait_until(all_fired, 60, "every task of the storm to expire")
+            await eventually(all_fired, 60, "every task of the storm to expire")
             await asyncio.sleep(1)  # redelivered messages of the killed worker are dropped
             counts = await expired_event_counts(db, ids)
             assert len(counts) == STORM and set(counts.values()) == {1}
