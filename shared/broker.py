@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -55,6 +55,16 @@ PUBLISH_BATCH_LIMIT = 256
 
 class BrokerUnavailable(Exception):
     """The broker did not accept or confirm a publish; the caller leaves it to the reconciler."""
+
+
+async def publish_all(publishes: Iterable[Awaitable[None]]) -> list[BrokerUnavailable | None]:
+    """Run publishes concurrently: per publish, None if taken or its BrokerUnavailable (left to
+    the reconciler). Any other error is a bug and is raised."""
+    results = await asyncio.gather(*publishes, return_exceptions=True)
+    for result in results:
+        if result is not None and not isinstance(result, BrokerUnavailable):
+            raise result
+    return [r if isinstance(r, BrokerUnavailable) else None for r in results]
 
 
 def cascade_for(settings: Settings) -> Cascade:

@@ -14,7 +14,6 @@ act are read from MySQL's clock, so workers whose clocks differ still agree.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import secrets
@@ -28,7 +27,7 @@ import pymysql
 import structlog
 
 from schemas.messages import DeliverCallback
-from shared.broker import Broker, BrokerUnavailable
+from shared.broker import Broker, publish_all
 from shared.db import Database, Row, utcnow
 from shared.ids import new_event_id
 
@@ -83,14 +82,10 @@ async def record_events(cur: aiomysql.Cursor, events: Sequence[NewEvent]) -> lis
 
 async def publish_events(broker: Broker, event_ids: Sequence[str]) -> None:
     """Hand committed events to the callbacks worker; failures are left to the reconciler."""
-    results = await asyncio.gather(
-        *(broker.publish(DeliverCallback(event_id=e), message_id=e) for e in event_ids),
-        return_exceptions=True,
+    results = await publish_all(
+        broker.publish(DeliverCallback(event_id=e), message_id=e) for e in event_ids
     )
-    failed = [r for r in results if isinstance(r, BaseException)]
-    for exc in failed:
-        if not isinstance(exc, BrokerUnavailable):
-            raise exc
+    failed = [r for r in results if r is not None]
     if failed:
         log.warning("callback.publish_deferred", count=len(failed), error=str(failed[0]))
 

@@ -18,7 +18,6 @@ change that the client hears about records its callback event in the same transa
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -36,7 +35,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from schemas.messages import SendEmail
 from shared import metrics, suppressions
-from shared.broker import Broker, BrokerUnavailable
+from shared.broker import Broker, publish_all
 from shared.callbacks import NewEvent, record_events
 from shared.db import Database, Row, utcnow
 from shared.idempotency import KEY_RULE, valid_key
@@ -439,22 +438,16 @@ async def publish_pending(db: Database, broker: Broker, email_ids: Sequence[str]
 
 
 async def _publish_rows(db: Database, broker: Broker, rows: Sequence[Row]) -> int:
-    results = await asyncio.gather(
-        *(
-            broker.publish(
-                SendEmail(email_id=r["email_id"]),
-                destination=DESTINATIONS[r["type"]],
-                message_id=r["email_id"],
-            )
-            for r in rows
-        ),
-        return_exceptions=True,
+    results = await publish_all(
+        broker.publish(
+            SendEmail(email_id=r["email_id"]),
+            destination=DESTINATIONS[r["type"]],
+            message_id=r["email_id"],
+        )
+        for r in rows
     )
     published = [r["email_id"] for r, res in zip(rows, results, strict=True) if res is None]
-    failed = [res for res in results if isinstance(res, BaseException)]
-    for exc in failed:
-        if not isinstance(exc, BrokerUnavailable):
-            raise exc
+    failed = [res for res in results if res is not None]
     if failed:
         log.warning("email.publish_deferred", count=len(failed), error=str(failed[0]))
         metrics.EMAILS.labels("publish_deferred", "").inc(len(failed))
