@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -47,18 +47,20 @@ PERMANENT_CODES = frozenset(
 )
 EMAIL_ID_TAG = "email_id"
 
-SEND_GATE: ContextVar[Callable[[], bool] | None] = ContextVar("send_gate", default=None)
-"""Set by the worker around `send()`: asked right before the request goes on the wire (after
-botocore built and signed it), so a send that would miss its rate-limit slot is not made."""
+SEND_GATE: ContextVar[Callable[[], Awaitable[bool]] | None] = ContextVar("send_gate", default=None)
+"""Set by the worker around `send()`: awaited right before the request goes on the wire (after
+botocore built and signed it). It sleeps until the rate-limit slot and says whether the send
+may still go; the worker starts `send()` a little before its slot, so the building and signing
+are done by then and only the write itself follows the slot."""
 
 
 class SlotMissed(Exception):
     """The request would have left too late for its send slot; nothing was sent."""
 
 
-def _check_gate(**_: Any) -> None:
+async def _wait_for_gate(**_: Any) -> None:
     gate = SEND_GATE.get()
-    if gate is not None and not gate():
+    if gate is not None and not await gate():
         raise SlotMissed()
 
 
@@ -154,7 +156,7 @@ class SesTransport:
         session = get_session()
         self._v2 = await self._stack.enter_async_context(session.create_client("sesv2", **options))
         # Exceptions raised here propagate out of send_email unchanged (botocore does not retry).
-        self._v2.meta.events.register("before-send.sesv2.SendEmail", _check_gate)
+        self._v2.meta.events.register("before-send.sesv2.SendEmail", _wait_for_gate)
         # GetSendQuota (MaxSendRate) exists in the v1 API only.
         self._v1 = await self._stack.enter_async_context(session.create_client("ses", **options))
         await self._warm_up()
@@ -215,7 +217,7 @@ class OutboxTransport:
         return None
 
     async def send(self, email: OutgoingEmail) -> str:
-        _check_gate()
+        await _wait_for_gate()
         try:
             await asyncio.to_thread(self._write, email)
         except OSError as exc:

@@ -36,6 +36,7 @@ from shared.db import Database
 from shared.migrate import migrate
 from shared.resources import open_broker, open_database
 from shared.settings import Settings
+from workers import email as email_worker_module
 from workers.email import EmailWorker
 from workers.runtime import Context
 
@@ -473,3 +474,36 @@ async def test_worker_killed_before_the_send_slot_sends_later_exactly_once(
         assert sum(email_id in m["raw_data"] for m in at_ses) <= 1
         if by_id[email_id]["status"] == "SENT":
             assert sum(email_id in m["raw_data"] for m in at_ses) == 1
+
+
+async def test_stopping_while_waiting_at_the_send_gate_hands_the_email_back(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An email stamped for its slot but stopped before it left is not lost or unconfirmed:
+    it goes back to QUEUED unstamped, and the next worker sends it exactly once."""
+    # Stamp a whole second before each slot, so the stop surely lands while one waits.
+    monkeypatch.setattr(email_worker_module, "MARK_LEAD_S", 1.0)
+    # The first free slot 1.5 s away: stamped after 0.5 s, then a second at the gate.
+    await stack.db.execute(
+        "UPDATE email_rate_buckets"
+        " SET next_slot_us = CAST(UNIX_TIMESTAMP(SYSDATE(6)) * 1000000 AS SIGNED) + 1500000"
+    )
+    ids = await emails.queue_emails(stack.db, stack.broker, stack.key_id, [new_email(7)])
+    async with email_worker(stack, AWS_SES_SEND_LIMIT_PER_SEC="1") as worker:
+        deadline = time.monotonic() + 10
+        while True:
+            row = await stack.db.fetchone("SELECT * FROM emails WHERE email_id = %s", ids)
+            if row is not None and row["send_started_at"] is not None:
+                break
+            assert time.monotonic() < deadline, "the email was never stamped"
+            await asyncio.sleep(0.01)
+        assert row["status"] == "PROCESSING"
+        await worker.stop(0)  # cancels the send waiting at the gate
+    row = await stack.db.fetchone("SELECT * FROM emails WHERE email_id = %s", ids)
+    assert row is not None
+    assert (row["status"], row["send_started_at"]) == ("QUEUED", None)
+    assert calls_for(await stack.ses.calls(), ids) == []
+
+    async with email_worker(stack):
+        await wait_statuses(stack.db, ids, {"SENT"})
+    assert len(calls_for(await stack.ses.calls(), ids)) == 1

@@ -205,49 +205,61 @@ class EmailWorker:
                 raise
             if asked is not None:
                 metrics.EMAIL_SLOT_WAIT_SECONDS.labels(priority.name).observe(
-                    time.monotonic() - asked
+                    max(0.0, grant.due - asked)
                 )
                 asked = None
             try:
                 return await self._send_gated(claimed, message, grant)
             except SlotMissed:
-                # The request was built too late to leave within its slot: nothing was sent.
+                # Too late for its slot (or voided by a throttle): nothing was sent.
                 metrics.EMAIL_SLOTS_MISSED.inc()
 
     async def _slot(self, claimed: emails.Claim, priority: Priority, size: int) -> Grant:
-        """A usable slot: booked, waited for, and reached in time (otherwise book another).
+        """A booked slot, MARK_LEAD_S away at most, with the email stamped as being sent.
 
         `send_started_at` is stamped MARK_LEAD_S before the slot, so the commit's latency does
         not make the send miss it; a worker dying in that lead ends the email SEND_UNCONFIRMED
-        although nothing left, the price of never sending one twice.
+        although nothing left, the price of never sending one twice. What is left of the lead
+        goes to building and signing the request (the send gate then waits for the slot).
         """
-        while True:
-            grant = await self._limiter.acquire(priority, size_bytes=size)
-            lead = grant.due - MARK_LEAD_S - time.monotonic()
-            if lead > 0:
-                await asyncio.sleep(lead)
-            lease_s = self._ctx.settings.EMAIL_LEASE_SECONDS
-            if not await emails.mark_sending(self._ctx.db, claimed, lease_s=lease_s):
-                raise ClaimLost()
-            if await grant.wait():
-                return grant
-            metrics.EMAIL_SLOTS_MISSED.inc()
+        grant = await self._limiter.acquire(priority, size_bytes=size)
+        lead = grant.due - MARK_LEAD_S - time.monotonic()
+        if lead > 0:
+            await asyncio.sleep(lead)
+        lease_s = self._ctx.settings.EMAIL_LEASE_SECONDS
+        if not await emails.mark_sending(self._ctx.db, claimed, lease_s=lease_s):
+            raise ClaimLost()
+        return grant
 
     async def _send_gated(
         self, claimed: emails.Claim, message: OutgoingEmail, grant: Grant
     ) -> str | None:
-        started = time.perf_counter()
-        gate = SEND_GATE.set(grant.usable)
+        passed = False
+        left = 0.0  # when the request went on the wire
+
+        async def gate() -> bool:
+            nonlocal passed, left
+            passed = await grant.wait()
+            left = time.perf_counter()
+            return passed
+
+        token = SEND_GATE.set(gate)
         try:
             return await self._transport.send(message)
         except SendFailure as failure:
             await self._on_failure(claimed, failure)
             return None
+        except asyncio.CancelledError:
+            if not passed:  # stopped while waiting for the slot: hand it back, to be sent now
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(emails.release(self._ctx.db, claimed, retry_in=0))
+            raise
         finally:
-            SEND_GATE.reset(gate)
-            metrics.EMAIL_SEND_SECONDS.labels(self._transport.name).observe(
-                time.perf_counter() - started
-            )
+            SEND_GATE.reset(token)
+            if passed:
+                metrics.EMAIL_SEND_SECONDS.labels(self._transport.name).observe(
+                    time.perf_counter() - left
+                )
 
     async def _on_failure(self, claimed: emails.Claim, failure: SendFailure) -> None:
         s = self._ctx.settings
