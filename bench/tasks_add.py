@@ -12,6 +12,7 @@ takes a good part of one core itself (its CPU time is printed), so treat results
     .venv/bin/python bench/tasks_add.py --help
     .venv/bin/python bench/tasks_add.py --concurrency 64 --duration 20
     .venv/bin/python bench/tasks_add.py --prefill 50000     # with 50k pending tasks in MySQL
+    .venv/bin/python bench/tasks_add.py --prefill 1000000 --prefill-timers  # and their timers
     .venv/bin/python bench/tasks_add.py --raw-client        # a load generator ~4x lighter
 
 Besides req/s and latency it prints CPU per request (gateway and load generator) and the CPU
@@ -34,13 +35,20 @@ import aiohttp
 from measure import CpuMeter, cpu_seconds
 from tasks_common import (
     Stack,
+    broker_memory_mb,
     create_key,
     http_session,
     iso,
     percentile,
     rss_mb,
+    server_rss_mb,
     stack,
+    table_mb,
 )
+
+from shared.broker import Broker
+from shared.settings import Settings
+from shared.tasks import publish_timer
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,6 +62,11 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="PENDING task rows written to MySQL before the run (rows only, no timers)",
     )
+    parser.add_argument(
+        "--prefill-timers",
+        action="store_true",
+        help="also publish the prefilled tasks' timers into the delay cascade, as adds would",
+    )
     parser.add_argument("--pool", type=int, default=10, help="the gateway's MYSQL_POOL_SIZE (10)")
     parser.add_argument(
         "--raw-client",
@@ -63,19 +76,43 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def prefill(bench: Stack, count: int) -> None:
+def prefill(bench: Stack, count: int) -> list[str]:
     """Bulk-insert pending rows so the tasks table is not empty (its size is what matters)."""
     key_id = bench.mysql("SELECT MIN(id) AS id FROM api_keys")[0]["id"]
     due = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() + 86_400))
     now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    ids = [secrets.token_hex(20) for _ in range(count)]
     for start in range(0, count, 5000):
         rows = ", ".join(
-            f"('{secrets.token_hex(20)[:40]}', {key_id}, '{{\"p\":{i}}}', '{due}', '{now}')"
+            f"('{ids[i]}', {key_id}, '{{\"p\":{i}}}', '{due}', '{now}')"
             for i in range(start, min(count, start + 5000))
         )
         bench.mysql(
             f"INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at) VALUES {rows}"
         )
+    return ids
+
+
+async def prefill_timers(bench: Stack, task_ids: list[str]) -> None:
+    """Publish a timer per prefilled task (due in a day) through the cascade, confirmed."""
+    config = Settings(_env_file=None, **bench.env)  # type: ignore[call-arg]
+    broker = await Broker.connect(config)
+    try:
+        due_ms = int((time.time() + 86_400) * 1000)
+        for start in range(0, len(task_ids), 5000):
+            chunk = task_ids[start : start + 5000]
+            await asyncio.gather(*(publish_timer(broker, t, due_ms) for t in chunk))
+    finally:
+        await broker.close()
+
+
+def footprint(bench: Stack) -> str:
+    messages, queue_mb = broker_memory_mb(bench)
+    servers = ", ".join(f"{name} RSS {mb:.0f} MB" for name, mb in sorted(server_rss_mb().items()))
+    return (
+        f"broker: {messages} messages, {queue_mb:.0f} MB in the vhost's queues;"
+        f" tasks table {table_mb(bench):.0f} MB; {servers}"
+    )
 
 
 Post = Callable[[], Awaitable[int]]  # one add; returns the HTTP status
@@ -212,8 +249,16 @@ async def main() -> None:
         async with http_session() as session:
             headers = await create_key(session, gateway.url, bench, "http://127.0.0.1:9/none")
         if args.prefill:
-            prefill(bench, args.prefill)
-            print(f"prefilled {args.prefill} pending task rows")
+            started = time.monotonic()
+            task_ids = prefill(bench, args.prefill)
+            took = time.monotonic() - started
+            print(f"prefilled {args.prefill} pending task rows ({took:.0f} s)")
+            if args.prefill_timers:
+                started = time.monotonic()
+                await prefill_timers(bench, task_ids)
+                print(f"published their timers ({time.monotonic() - started:.0f} s)")
+            del task_ids
+            print(f"footprint before: {footprint(bench)}")
         print(f"gateway RSS before: {rss_mb(gateway.proc.pid):.0f} MB")
         meter = CpuMeter({"gateway": gateway.proc.pid})
         meter.start()
@@ -228,6 +273,7 @@ async def main() -> None:
         print(f"gateway RSS after: {rss_mb(gateway.proc.pid):.0f} MB")
         pending = bench.mysql("SELECT COUNT(*) AS n FROM tasks WHERE status = 'PENDING'")[0]["n"]
         print(f"pending tasks now: {pending}")
+        print(f"footprint after: {footprint(bench)}")
 
 
 if __name__ == "__main__":

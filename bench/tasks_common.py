@@ -321,3 +321,40 @@ async def histogram_quantile(url: str, metric: str, label: str, q: float) -> str
         if count >= q * total:
             return f"<= {bound} s (histogram bucket, n={int(total)})"
     return "?"
+
+
+def broker_memory_mb(bench: Stack) -> tuple[int, float]:
+    """Messages and memory (MB) of every queue in the bench's vhost, per rabbitmqctl."""
+    out = rabbitmqctl("list_queues", "-p", bench.run_id, "--no-table-headers", "messages", "memory")
+    messages, memory = 0, 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            messages += int(parts[0])
+            memory += int(parts[1])
+    return messages, memory / 1024 / 1024
+
+
+def table_mb(bench: Stack) -> float:
+    bench.mysql("ANALYZE TABLE tasks")
+    row = bench.mysql(
+        "SELECT data_length + index_length AS size FROM information_schema.tables"
+        " WHERE table_schema = %s AND table_name = 'tasks'",
+        (bench.run_id,),
+    )[0]
+    return float(row["size"]) / 1024 / 1024
+
+
+def server_rss_mb() -> dict[str, float]:
+    """RSS of the machine's RabbitMQ (beam.smp) and MariaDB (mariadbd) processes."""
+    found: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            name = (proc / "comm").read_text().strip()
+        except OSError:
+            continue
+        if name in ("beam.smp", "mariadbd"):
+            found[name] = found.get(name, 0.0) + rss_mb(int(proc.name))
+    return found

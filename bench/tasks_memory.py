@@ -17,7 +17,15 @@ import argparse
 import asyncio
 import time
 
-from tasks_common import Stack, add_tasks, create_key, http_session, rabbitmqctl, rss_mb, stack
+from tasks_common import (
+    add_tasks,
+    broker_memory_mb,
+    create_key,
+    http_session,
+    rss_mb,
+    stack,
+    table_mb,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -27,28 +35,6 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent adds (64)")
     return parser.parse_args()
-
-
-def broker_memory_mb(bench: Stack) -> tuple[int, float]:
-    """Messages and memory (MB) of every queue in the bench's vhost, per rabbitmqctl."""
-    out = rabbitmqctl("list_queues", "-p", bench.run_id, "--no-table-headers", "messages", "memory")
-    messages, memory = 0, 0
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit():
-            messages += int(parts[0])
-            memory += int(parts[1])
-    return messages, memory / 1024 / 1024
-
-
-def table_mb(bench: Stack) -> float:
-    bench.mysql("ANALYZE TABLE tasks")
-    row = bench.mysql(
-        "SELECT data_length + index_length AS size FROM information_schema.tables"
-        " WHERE table_schema = %s AND table_name = 'tasks'",
-        (bench.run_id,),
-    )[0]
-    return float(row["size"]) / 1024 / 1024
 
 
 async def main() -> None:
