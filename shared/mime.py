@@ -14,11 +14,14 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email import encoders
 from email import policy as email_policy
-from email.errors import HeaderParseError
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import format_datetime
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.nonmultipart import MIMENonMultipart
+from email.utils import format_datetime, formataddr, parseaddr
 from html.parser import HTMLParser
 from types import MappingProxyType
 
@@ -102,9 +105,20 @@ _CONFIG_SET = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _MSGID_LOCAL = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _BODY_CLOSE = re.compile(r"</body\s*>", re.IGNORECASE)
 
-# 7bit output: SES asks for 7-bit MIME parts, so non-ASCII bodies get quoted-printable or
-# base64 instead of 8bit; SMTP policy gives CRLF line endings as sent on the wire.
-_POLICY = email_policy.SMTP.clone(cte_type="7bit")
+# The wire format: CRLF line endings, header lines folded at 78 characters.
+_WIRE = email_policy.compat32.clone(linesep="\r\n")
+# 7-bit output (SES asks for 7-bit MIME parts): ASCII text as is, non-ASCII text as UTF-8
+# quoted-printable, non-ASCII header text as RFC 2047 encoded words.
+_ASCII = Charset("us-ascii")
+_UTF8 = Charset("utf-8")
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP
+_LINE_BREAK = re.compile(r"\r\n?")
+# Plain ASCII header text is folded only at spaces; longer text might hold a word that does
+# not fit in a 998-character line, so it goes as encoded words, which fold anywhere.
+_FOLDABLE_ASCII = 900
+# What parseaddr leaves of a bare address: local@domain, no spaces, brackets or quotes.
+_ADDR_SPEC = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[A-Za-z0-9.-]+\Z")
 
 
 class MimeError(ValueError):
@@ -304,16 +318,29 @@ def check_header_value(name: str, value: str, *, max_length: int = MAX_HEADER_CH
     return value
 
 
-def _address(header: str, display_name: str, addr_spec: str) -> Address:
+def _mailbox(header: str, display_name: str, addr_spec: str) -> str | Header:
+    """`Name <addr>` for a header: a quoted ASCII name, or RFC 2047 encoded words."""
     check_header_value(header, display_name)
     check_header_value(header, addr_spec)
     # SES does not do SMTPUTF8; an internationalised domain must arrive as punycode.
     if not addr_spec.isascii():
         raise MimeError(f"{header}: address must be ASCII (punycode the domain)")
-    try:
-        return Address(display_name=display_name, addr_spec=addr_spec)
-    except (ValueError, HeaderParseError, IndexError) as exc:
-        raise MimeError(f"{header}: invalid address {addr_spec!r}") from exc
+    if parseaddr(addr_spec) != ("", addr_spec) or not _ADDR_SPEC.match(addr_spec):
+        raise MimeError(f"{header}: invalid address {addr_spec!r}")
+    if not display_name:
+        return addr_spec
+    if display_name.isascii() and len(display_name) <= _FOLDABLE_ASCII:
+        return formataddr((display_name, addr_spec))
+    mailbox = Header(display_name, _UTF8, header_name=header)
+    mailbox.append(f"<{addr_spec}>", _ASCII)
+    return mailbox
+
+
+def _header_text(header: str, value: str) -> str | Header:
+    check_header_value(header, value)
+    if value.isascii() and len(value) <= _FOLDABLE_ASCII:
+        return value
+    return Header(value, _UTF8, header_name=header)
 
 
 def _message_id(email_id: str, domain: str) -> str:
@@ -329,35 +356,44 @@ def _message_id(email_id: str, domain: str) -> str:
     return f"<{local}@{domain}>"
 
 
-def _add_body(
-    msg: EmailMessage, text: str | None, html: str | None, tracking_pixel_url: str | None
-) -> None:
-    plain = text if text is not None else html_to_text(html or "")
-    msg.set_content(plain, subtype="plain", charset="utf-8")
+def _text_part(body: str, subtype: str) -> Message:
+    """7bit when the text is ASCII in short lines, otherwise UTF-8 quoted-printable."""
+    body = _LINE_BREAK.sub("\n", body)
+    plain = body.isascii() and all(len(line) <= 998 for line in body.split("\n"))
+    part = MIMENonMultipart("text", subtype)
+    part.set_payload(body, _ASCII if plain else _UTF8_QP)
+    return part
+
+
+def _body(text: str | None, html: str | None, tracking_pixel_url: str | None) -> Message:
+    plain = _text_part(text if text is not None else html_to_text(html or ""), "plain")
     if html is None:
-        return
+        return plain
     if tracking_pixel_url:
         # Not a header, but the same rules keep the HTML line sane and the size bounded.
         check_header_value(
             "tracking pixel URL", tracking_pixel_url, max_length=MAX_TRACKING_URL_CHARS
         )
         html = _insert_pixel(html, tracking_pixel_url)
-    msg.add_alternative(html, subtype="html", charset="utf-8")
+    return MIMEMultipart("alternative", _subparts=[plain, _text_part(html, "html")])
 
 
-def _add_attachments(msg: EmailMessage, attachments: Sequence[Attachment]) -> None:
-    for item in attachments:
-        safe_name = check_attachment(item.filename, item.content_type)
-        maintype, _, subtype = _normalise_content_type(item.content_type).partition("/")
-        # name= on Content-Type as well as filename= on Content-Disposition: older clients
-        # (Outlook among them) only look at the former.
-        msg.add_attachment(
-            item.data,
-            maintype=maintype,
-            subtype=subtype,
-            filename=safe_name,
-            params={"name": safe_name},
-        )
+def _attachment(item: Attachment) -> Message:
+    safe_name = check_attachment(item.filename, item.content_type)
+    maintype, _, subtype = _normalise_content_type(item.content_type).partition("/")
+    part = MIMENonMultipart(maintype, subtype)
+    part.set_payload(item.data)
+    encoders.encode_base64(part)
+    # RFC 2231 (filename*=utf-8'') for a non-ASCII name. name= on Content-Type as well as
+    # filename= on Content-Disposition: older clients (Outlook among them) only look at the
+    # former.
+    if safe_name.isascii():
+        part.set_param("name", safe_name)
+        part.add_header("Content-Disposition", "attachment", filename=safe_name)
+    else:
+        part.set_param("name", safe_name, charset="utf-8")
+        part.add_header("Content-Disposition", "attachment", filename=("utf-8", "", safe_name))
+    return part
 
 
 def build_raw_message(
@@ -386,34 +422,41 @@ def build_raw_message(
     names RFC 2231 encoded. An empty `reply_to` omits Reply-To. Attachments are checked
     again with `check_attachment`. `date` defaults to now (UTC).
 
+    Built with the email package's compat32 classes: the modern header registry parses and
+    re-folds every header it is given, ~2 ms a message, most of the email worker's CPU.
+
     Raises `HeaderInjection`, `AttachmentRejected` or `MimeError` on bad input.
     """
     if text is None and html is None:
         raise MimeError("an e-mail needs text or html")
-    check_header_value("Subject", subject)
     check_header_value("X-Email-Id", email_id)
-
-    msg = EmailMessage(policy=_POLICY)
-    msg["From"] = _address("From", from_name, from_addr)
-    msg["To"] = _address("To", "", to_addr)
+    headers: list[tuple[str, str | Header]] = [
+        ("From", _mailbox("From", from_name, from_addr)),
+        ("To", _mailbox("To", "", to_addr)),
+    ]
     if reply_to:
-        msg["Reply-To"] = _address("Reply-To", "", reply_to)
-    msg["Subject"] = subject
-    msg["Date"] = format_datetime(date or datetime.now(UTC))
-    msg["Message-ID"] = _message_id(email_id, message_id_domain)
-    msg["X-Email-Id"] = email_id
+        headers.append(("Reply-To", _mailbox("Reply-To", "", reply_to)))
+    headers += [
+        ("Subject", _header_text("Subject", subject)),
+        ("Date", format_datetime(date or datetime.now(UTC))),
+        ("Message-ID", _message_id(email_id, message_id_domain)),
+        ("X-Email-Id", email_id),
+    ]
     if config_set is not None:
         if not _CONFIG_SET.match(config_set):
             raise MimeError(f"invalid SES configuration set name {config_set!r}")
-        msg["X-SES-CONFIGURATION-SET"] = config_set
+        headers.append(("X-SES-CONFIGURATION-SET", config_set))
 
-    _add_body(msg, text, html, tracking_pixel_url)
-    _add_attachments(msg, attachments)
-    # EmailMessage stamps MIME-Version on every part it creates; it belongs on the top only.
+    body = _body(text, html, tracking_pixel_url)
+    files = [_attachment(item) for item in attachments]
+    msg = MIMEMultipart("mixed", _subparts=[body, *files]) if files else body
     for part in msg.walk():
-        if part is not msg:
-            del part["MIME-Version"]
-    return msg.as_bytes()
+        # The MIME classes stamp MIME-Version on every part; it belongs on the top only.
+        del part["MIME-Version"]
+    msg["MIME-Version"] = "1.0"
+    for name, value in headers:
+        msg[name] = value  # type: ignore[assignment]  # compat32 takes Header objects too
+    return msg.as_bytes(policy=_WIRE)
 
 
 # --- size -----------------------------------------------------------------------------------
