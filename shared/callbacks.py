@@ -17,18 +17,17 @@ from __future__ import annotations
 import json
 import random
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
 import aiomysql
-import pymysql
 import structlog
 
 from schemas.messages import DeliverCallback
 from shared.broker import Broker, publish_all
-from shared.db import Database, Row, utcnow
+from shared.db import Database, Row, rerun_if_rolled_back, utcnow
 from shared.ids import new_event_id
 
 log = structlog.get_logger(__name__)
@@ -148,14 +147,15 @@ async def claim_batch(
     token = secrets.token_hex(8)
     ids = sorted(set(event_ids))  # rows are locked in index order by every worker: no deadlock
     marks = ", ".join(["%s"] * len(ids))
-    await _retrying(
-        db.execute,
-        "UPDATE callback_events FORCE INDEX (uq_callback_events_event)"  # noqa: S608 - placeholders
-        " SET status = 'SENDING', attempts = attempts + 1,"
-        " lease_token = %s, last_attempt_at = UTC_TIMESTAMP(3),"
-        " next_attempt_at = UTC_TIMESTAMP(3) + INTERVAL %s MICROSECOND"
-        f" WHERE event_id IN ({marks}) AND {_DUE}",
-        (token, _micros(lease_seconds), *ids, DUE_SLACK_MS * 1000),
+    await rerun_if_rolled_back(
+        lambda: db.execute(
+            "UPDATE callback_events FORCE INDEX (uq_callback_events_event)"  # noqa: S608 - placeholders
+            " SET status = 'SENDING', attempts = attempts + 1,"
+            " lease_token = %s, last_attempt_at = UTC_TIMESTAMP(3),"
+            " next_attempt_at = UTC_TIMESTAMP(3) + INTERVAL %s MICROSECOND"
+            f" WHERE event_id IN ({marks}) AND {_DUE}",
+            (token, _micros(lease_seconds), *ids, DUE_SLACK_MS * 1000),
+        )
     )
     found = await _read(db, ids)
     orphaned = [d.event_id for d in found.values() if d.lease_token == token and not d.key_name]
@@ -279,7 +279,7 @@ async def finish_batch(db: Database, finished: Sequence[Finished]) -> list[bool]
     reconciler handed the event on): the attempt is still logged, but the event's state
     belongs to the newer claim.
     """
-    return await _retrying(_finish, db, finished)
+    return await rerun_if_rolled_back(lambda: _finish(db, finished))
 
 
 async def _finish(db: Database, finished: Sequence[Finished]) -> list[bool]:
@@ -373,22 +373,6 @@ def _attempt_row(f: Finished, held: bool) -> tuple[Any, ...]:
 
 def _micros(seconds: float) -> int:
     return max(0, round(seconds * 1_000_000))
-
-
-# InnoDB rolled the statement or transaction back (deadlock, lock wait timeout): run it again.
-_ROLLED_BACK = {1213, 1205}
-_TRIES = 3
-
-
-async def _retrying(operation: Callable[..., Awaitable[T]], *args: Any) -> T:
-    for attempt in range(1, _TRIES + 1):
-        try:
-            return await operation(*args)
-        except pymysql.err.OperationalError as exc:
-            if attempt == _TRIES or not exc.args or exc.args[0] not in _ROLLED_BACK:
-                raise
-            log.info("callback.db_retry", error=str(exc))
-    raise AssertionError("unreachable")
 
 
 # --- the reconciler's view -------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""MySQL access: one aiomysql pool, UTC sessions, and connection loss mapped to one error type."""
+"""MySQL access: one aiomysql pool, UTC sessions, connection loss mapped to one error type, and
+transactions that InnoDB rolled back run again."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomysql
 import pymysql
@@ -22,6 +23,27 @@ _CONNECTION_LOST = {2003, 2006, 2013, 2014, 2055, 1927, 1053}
 
 class DatabaseUnavailable(Exception):
     """MySQL cannot be reached right now; the caller answers 503 or retries later."""
+
+
+# InnoDB rolled the statement or transaction back (deadlock, lock wait timeout): it may simply
+# be run again.
+_ROLLED_BACK = {1213, 1205}
+_ROLLBACK_TRIES = 3
+
+T = TypeVar("T")
+
+
+async def rerun_if_rolled_back(operation: Callable[[], Awaitable[T]]) -> T:
+    """`operation()`, run again (up to 3 tries) when InnoDB rolled it back for a deadlock or a
+    lock wait timeout; every other error is raised at once."""
+    for attempt in range(1, _ROLLBACK_TRIES + 1):
+        try:
+            return await operation()
+        except pymysql.err.OperationalError as exc:
+            if attempt == _ROLLBACK_TRIES or not exc.args or exc.args[0] not in _ROLLED_BACK:
+                raise
+            log.info("db.rerun_after_rollback", error=str(exc), attempt=attempt)
+    raise AssertionError("unreachable")
 
 
 def utcnow() -> datetime:

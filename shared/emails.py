@@ -37,7 +37,7 @@ from schemas.messages import SendEmail
 from shared import metrics, suppressions
 from shared.broker import Broker, publish_all
 from shared.callbacks import NewEvent, record_events
-from shared.db import Database, Row, utcnow
+from shared.db import Database, Row, rerun_if_rolled_back, utcnow
 from shared.idempotency import KEY_RULE, valid_key
 from shared.ids import new_record_id
 from shared.mime import (
@@ -573,44 +573,83 @@ UNCONFIRMED_ERROR = {
 }
 
 
-async def claim(
-    db: Database, email_id: str, *, lease_s: float, info: dict[str, Any]
-) -> Claim | Skip:
-    """QUEUED (or PROCESSING with an expired lease) -> PROCESSING, owned by a fresh token.
+async def claim_many(
+    db: Database, email_ids: Sequence[str], *, lease_s: float, info: dict[str, Any]
+) -> list[Claim | Skip]:
+    """For each email: QUEUED (or PROCESSING with an expired lease) -> PROCESSING, owned by a
+    fresh token, in one transaction for all of them (the email worker batches its claims).
 
-    The first claim records the PROCESSING callback; later ones (retries) do not repeat it.
+    The first claim records the PROCESSING callback; later ones (retries) do not repeat it. An
+    id given twice is claimed once; its other places come back "busy". Results follow
+    `email_ids`.
     """
+    return await rerun_if_rolled_back(lambda: _claim_many(db, email_ids, lease_s, info))
+
+
+async def _claim_many(
+    db: Database, email_ids: Sequence[str], lease_s: float, info: dict[str, Any]
+) -> list[Claim | Skip]:
     now = utcnow()
+    token = secrets.token_urlsafe(16)
+    lease_until = now + timedelta(seconds=lease_s)
+    unique = sorted(set(email_ids))  # locked in index order by every worker: no deadlock
+    outcomes: dict[str, Claim | Skip] = {}
     async with db.transaction() as cur:
-        await cur.execute("SELECT * FROM emails WHERE email_id = %s FOR UPDATE", (email_id,))
-        row = await cur.fetchone()
-        if row is None:
-            return Skip("missing")
-        if row["status"] == PROCESSING and row["lease_until"] and row["lease_until"] > now:
-            return Skip("busy", (row["lease_until"] - now).total_seconds())
-        if row["status"] not in (QUEUED, PROCESSING):
-            return Skip("finished")
-        if row["status"] == PROCESSING and row["send_started_at"] is not None:
-            await cur.execute(
-                "UPDATE emails SET status = %s, error = %s, claim_token = NULL,"
-                " lease_until = NULL WHERE id = %s",
-                (ERROR, json.dumps(UNCONFIRMED_ERROR), row["id"]),
-            )
-            event = status_event(row, ERROR, aws_info=info, error=UNCONFIRMED_ERROR)
-            return Skip("unconfirmed", event_ids=await record_events(cur, [event]))
-        token = secrets.token_urlsafe(16)
-        lease_until = now + timedelta(seconds=lease_s)
         await cur.execute(
-            "UPDATE emails SET status = %s, claim_token = %s, lease_until = %s,"
-            " next_attempt_at = %s, attempts = attempts + 1, published = 1 WHERE id = %s",
-            (PROCESSING, token, lease_until, lease_until, row["id"]),
+            "SELECT * FROM emails FORCE INDEX (uq_emails_email_id)"  # noqa: S608 - placeholders only
+            f" WHERE email_id IN ({', '.join(['%s'] * len(unique))}) FOR UPDATE",
+            unique,
         )
-        events = []
-        if row["attempts"] == 0:
-            events.append(status_event(row, PROCESSING, aws_info=info))
-        event_ids = await record_events(cur, events)
-    claimed = {**row, "status": PROCESSING, "attempts": row["attempts"] + 1}
-    return Claim(claimed, token, event_ids)
+        rows = {row["email_id"]: row for row in await cur.fetchall()}
+        taken: list[Row] = []
+        for email_id in unique:
+            row = rows.get(email_id)
+            if row is None:
+                outcomes[email_id] = Skip("missing")
+            elif row["status"] == PROCESSING and row["lease_until"] and row["lease_until"] > now:
+                outcomes[email_id] = Skip("busy", (row["lease_until"] - now).total_seconds())
+            elif row["status"] not in (QUEUED, PROCESSING):
+                outcomes[email_id] = Skip("finished")
+            elif row["status"] == PROCESSING and row["send_started_at"] is not None:
+                outcomes[email_id] = await _end_unconfirmed(cur, row, info)
+            else:
+                taken.append(row)
+        if taken:
+            await cur.execute(
+                "UPDATE emails SET status = %s, claim_token = %s, lease_until = %s,"  # noqa: S608 - placeholders only
+                " next_attempt_at = %s, attempts = attempts + 1, published = 1"
+                f" WHERE id IN ({', '.join(['%s'] * len(taken))})",
+                (PROCESSING, token, lease_until, lease_until, *(row["id"] for row in taken)),
+            )
+            first = [row for row in taken if row["attempts"] == 0]
+            events = [status_event(row, PROCESSING, aws_info=info) for row in first]
+            new_ids = await record_events(cur, events)
+            event_ids = dict(zip((row["email_id"] for row in first), new_ids, strict=True))
+            for row in taken:
+                claimed = {**row, "status": PROCESSING, "attempts": row["attempts"] + 1}
+                own = [event_ids[row["email_id"]]] if row["email_id"] in event_ids else []
+                outcomes[row["email_id"]] = Claim(claimed, token, own)
+    results: list[Claim | Skip] = []
+    seen: set[str] = set()
+    for email_id in email_ids:
+        if email_id in seen:  # the same command twice in one batch: one of them sends it
+            results.append(Skip("busy", lease_s))
+            continue
+        seen.add(email_id)
+        results.append(outcomes[email_id])
+    return results
+
+
+async def _end_unconfirmed(cur: aiomysql.Cursor, row: Row, info: dict[str, Any]) -> Skip:
+    """A claim that expired after its send was stamped: the email may have gone out, so it
+    ends ERROR/SEND_UNCONFIRMED instead of being sent a second time."""
+    await cur.execute(
+        "UPDATE emails SET status = %s, error = %s, claim_token = NULL,"
+        " lease_until = NULL WHERE id = %s",
+        (ERROR, json.dumps(UNCONFIRMED_ERROR), row["id"]),
+    )
+    event = status_event(row, ERROR, aws_info=info, error=UNCONFIRMED_ERROR)
+    return Skip("unconfirmed", event_ids=await record_events(cur, [event]))
 
 
 async def mark_sending(db: Database, claimed: Claim, *, lease_s: float) -> bool:
@@ -630,29 +669,73 @@ async def mark_sending(db: Database, claimed: Claim, *, lease_s: float) -> bool:
     return changed > 0
 
 
-async def mark_sent(
-    db: Database, claimed: Claim, message_id: str, aws_data: dict[str, Any]
-) -> list[str]:
-    """PROCESSING -> SENT with the provider's message id; returns the event ids to publish.
+@dataclass(frozen=True)
+class Sent:
+    """What the transport answered for a claimed email: the provider's message id."""
+
+    claim: Claim
+    message_id: str
+    aws_data: dict[str, Any]
+
+
+async def mark_sent_many(db: Database, sent: Sequence[Sent]) -> list[list[str]]:
+    """PROCESSING -> SENT with the provider's message id, for several emails in one transaction
+    (the email worker batches them); returns each one's event ids to publish.
 
     Not conditional on the claim token: the message did go out, so it is recorded even if
     this worker's lease had run out meanwhile (the first SENT wins), and even over the
     SEND_UNCONFIRMED error that a later claim gave it in the meantime.
     """
-    row = claimed.row
+    return await rerun_if_rolled_back(lambda: _mark_sent_many(db, sent))
+
+
+async def _mark_sent_many(db: Database, sent: Sequence[Sent]) -> list[list[str]]:
+    now = utcnow()
+    ids = sorted({item.claim.row["id"] for item in sent})  # primary-key order: no deadlock
+    results: list[list[str]] = [[] for _ in sent]
     async with db.transaction() as cur:
-        changed = await cur.execute(
-            "UPDATE emails SET status = %s, ses_message_id = %s, sent_at = %s, claim_token = NULL,"
-            " lease_until = NULL, error = NULL WHERE id = %s AND (status = %s"
-            " OR (status = %s AND send_started_at IS NOT NULL))",
-            (SENT, message_id, utcnow(), row["id"], PROCESSING, ERROR),
+        await cur.execute(
+            "SELECT id, status, send_started_at FROM emails"  # noqa: S608 - placeholders only
+            f" WHERE id IN ({', '.join(['%s'] * len(ids))}) FOR UPDATE",
+            ids,
         )
-        if not changed:
-            log.warning("email.sent_twice", email_id=row["email_id"], message_id=message_id)
-            return []
-        ids = await record_events(cur, [status_event(row, SENT, aws_data=aws_data)])
-    metrics.EMAILS.labels("sent", row["type"]).inc()
-    return ids
+        current = {row["id"]: row for row in await cur.fetchall()}
+        winners: dict[int, int] = {}  # email pk -> index in `sent` of the SENT that counts
+        for index, item in enumerate(sent):
+            row = current.get(item.claim.row["id"])
+            open_ = row is not None and (
+                row["status"] == PROCESSING
+                or (row["status"] == ERROR and row["send_started_at"] is not None)
+            )
+            if not open_ or item.claim.row["id"] in winners:
+                log.warning(
+                    "email.sent_twice",
+                    email_id=item.claim.row["email_id"],
+                    message_id=item.message_id,
+                )
+                continue
+            winners[item.claim.row["id"]] = index
+        if not winners:
+            return results
+        chosen = [sent[i] for i in winners.values()]
+        cases = " ".join(["WHEN %s THEN %s"] * len(chosen))
+        await cur.execute(
+            f"UPDATE emails SET status = %s, ses_message_id = CASE id {cases} END,"  # noqa: S608 - placeholders only
+            " sent_at = %s, claim_token = NULL, lease_until = NULL, error = NULL"
+            f" WHERE id IN ({', '.join(['%s'] * len(chosen))})",
+            (
+                SENT,
+                *(v for item in chosen for v in (item.claim.row["id"], item.message_id)),
+                now,
+                *(item.claim.row["id"] for item in chosen),
+            ),
+        )
+        events = [status_event(i.claim.row, SENT, aws_data=i.aws_data) for i in chosen]
+        event_ids = await record_events(cur, events)
+    for index, event_id in zip(winners.values(), event_ids, strict=True):
+        results[index] = [event_id]
+        metrics.EMAILS.labels("sent", sent[index].claim.row["type"]).inc()
+    return results
 
 
 async def mark_error(

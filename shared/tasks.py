@@ -30,7 +30,7 @@ from shared import metrics
 from shared.batching import Batcher
 from shared.broker import Broker, BrokerUnavailable
 from shared.callbacks import NewEvent, publish_events, record_events
-from shared.db import Database, DatabaseUnavailable, Row, utcnow
+from shared.db import Database, DatabaseUnavailable, Row, rerun_if_rolled_back, utcnow
 from shared.idempotency import KEY_RULE, valid_key
 from shared.ids import new_record_id
 
@@ -46,9 +46,6 @@ EVENT_TYPES: dict[TaskEvent, str] = {
 MAX_YEARS_AHEAD = 10
 # DATETIME's range starts at year 1000; nothing sensible expires before the epoch anyway.
 EARLIEST_EXPIRY = datetime(1970, 1, 1)
-# InnoDB deadlock / lock wait timeout: the transaction was rolled back and may simply be re-run.
-_RETRYABLE_LOCK_ERRORS = {1213, 1205}
-_LOCK_RETRIES = 3
 
 FiredBy = Literal["timer", "reconciler"]
 
@@ -484,14 +481,7 @@ async def expire_tasks_in_db(db: Database, task_ids: Sequence[str], *, source: F
 async def _expire_in_db(
     db: Database, task_ids: list[str], fired_at: datetime, source: FiredBy
 ) -> tuple[list[Row], list[str]]:
-    for attempt in range(_LOCK_RETRIES):
-        try:
-            return await _expire_transaction(db, task_ids, fired_at, source)
-        except pymysql.err.OperationalError as exc:
-            if exc.args[0] not in _RETRYABLE_LOCK_ERRORS or attempt + 1 == _LOCK_RETRIES:
-                raise
-            log.warning("task.expire_lock_retry", error=str(exc), attempt=attempt + 1)
-    raise AssertionError("unreachable")
+    return await rerun_if_rolled_back(lambda: _expire_transaction(db, task_ids, fired_at, source))
 
 
 async def _expire_transaction(

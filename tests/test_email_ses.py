@@ -507,3 +507,33 @@ async def test_stopping_while_waiting_at_the_send_gate_hands_the_email_back(
     async with email_worker(stack):
         await wait_statuses(stack.db, ids, {"SENT"})
     assert len(calls_for(await stack.ses.calls(), ids)) == 1
+
+
+async def test_claims_and_sent_records_in_one_batch(stack: Stack) -> None:
+    """The worker's batched state changes: each email claimed once, one SENT (and one SENT
+    event) per email, whatever else shares the batch."""
+    first, second = await emails.queue_emails(
+        stack.db, stack.broker, stack.key_id, [new_email(1), new_email(2)]
+    )
+    claims = await emails.claim_many(
+        stack.db, [first, second, first, "no-such-email"], lease_s=60, info={}
+    )
+    a, b, repeat, missing = claims
+    assert isinstance(a, emails.Claim) and isinstance(b, emails.Claim)
+    assert isinstance(repeat, emails.Skip) and repeat.reason == "busy"  # never two owners
+    assert isinstance(missing, emails.Skip) and missing.reason == "missing"
+    assert len(a.event_ids) == len(b.event_ids) == 1  # the PROCESSING callbacks
+    (again,) = await emails.claim_many(stack.db, [first], lease_s=60, info={})
+    assert isinstance(again, emails.Skip) and again.reason == "busy"
+
+    recorded = await emails.mark_sent_many(
+        stack.db,
+        [emails.Sent(a, "msg-a", {}), emails.Sent(b, "msg-b", {}), emails.Sent(a, "msg-x", {})],
+    )
+    assert [len(ids) for ids in recorded] == [1, 1, 0]  # the second SENT for `a` changes nothing
+    rows = await wait_statuses(stack.db, [first, second], {"SENT"}, timeout=1)
+    assert {r["email_id"]: r["ses_message_id"] for r in rows} == {
+        first: "msg-a",
+        second: "msg-b",
+    }
+    assert await emails.mark_sent_many(stack.db, [emails.Sent(b, "msg-late", {})]) == [[]]

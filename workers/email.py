@@ -27,6 +27,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from schemas.messages import Command, SendEmail
 from shared import emails, metrics
+from shared.batching import Batcher
 from shared.callbacks import publish_events
 from shared.db import DatabaseUnavailable
 from shared.mime import SES_MAX_RAW_BYTES, MimeError, build_raw_message, render_template
@@ -51,6 +52,8 @@ DEFAULT_RATE = 10.0
 # Messages bigger than this are built in a thread so the event loop keeps other slots on time.
 BUILD_IN_THREAD_BYTES = 256 * 1024
 QUOTA_MIN_INTERVAL_S = 1.0  # GetSendQuota allows one call per second
+# Most claims, or SENT records, written in one transaction.
+DB_BATCH_LIMIT = 100
 
 
 # How long before its send slot an email is stamped as being sent (see _slot).
@@ -118,6 +121,13 @@ class EmailWorker:
                 (emails.PROMOTIONAL, Priority.PROMOTIONAL),
             )
         ]
+        # Claims and SENT records of emails handled at the same time share one transaction.
+        self._claims: Batcher[str, emails.Claim | emails.Skip] = Batcher(
+            self._claim_batch, limit=DB_BATCH_LIMIT
+        )
+        self._sent: Batcher[emails.Sent, list[str]] = Batcher(
+            lambda batch: emails.mark_sent_many(ctx.db, batch), limit=DB_BATCH_LIMIT
+        )
         self._quota: tuple[float, float] | None = None  # (MaxSendRate, monotonic time read)
         self._quota_tried = float("-inf")
         self._publishing: set[asyncio.Task[None]] = set()
@@ -135,10 +145,19 @@ class EmailWorker:
     async def stop(self, grace: float) -> None:
         """Stop consuming, let in-flight sends finish within `grace`, then close the transport."""
         await asyncio.gather(*(c.stop(grace) for c in self._consumers), return_exceptions=True)
+        await self._sent.wait_idle(max(grace, 1.0))  # SENT records already being written
         if self._publishing:
             await asyncio.wait(self._publishing, timeout=max(grace, 1.0))
         await self._limiter.stop()
         await self._transport.close()
+
+    async def _claim_batch(self, email_ids: list[str]) -> list[emails.Claim | emails.Skip]:
+        return await emails.claim_many(
+            self._ctx.db,
+            email_ids,
+            lease_s=self._ctx.settings.EMAIL_LEASE_SECONDS,
+            info=self._transport.info(),
+        )
 
     def _handler(self, priority: Priority) -> Any:
         async def handle(command: Command) -> None:
@@ -156,10 +175,7 @@ class EmailWorker:
 
     async def process(self, email_id: str, priority: Priority) -> None:
         """Handle one SendEmail command (the plain handler the consumer adapts)."""
-        db, info = self._ctx.db, self._transport.info()
-        outcome = await emails.claim(
-            db, email_id, lease_s=self._ctx.settings.EMAIL_LEASE_SECONDS, info=info
-        )
+        outcome = await self._claims.submit(email_id)
         if isinstance(outcome, emails.Skip):
             if outcome.reason == "busy":  # another worker holds it; look again after its lease
                 raise Retry(outcome.retry_in * 1000 + 1000, "claimed by another worker")
@@ -308,7 +324,7 @@ class EmailWorker:
         # Only this process knows the message left: through a MySQL outage it keeps trying,
         # or the email would end SEND_UNCONFIRMED once its lease ran out.
         event_ids = await through_outage(
-            lambda: emails.mark_sent(self._ctx.db, claimed, message_id, aws_data)
+            lambda: self._sent.submit(emails.Sent(claimed, message_id, aws_data))
         )
         log.info("email.sent", message_id=message_id)
         self._publish(event_ids)
