@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -36,19 +35,17 @@ from measure import CpuMeter, cpu_seconds
 from tasks_common import (
     Stack,
     broker_memory_mb,
+    bulk_pending,
     create_key,
     http_session,
     iso,
     percentile,
+    publish_timers,
     rss_mb,
     server_rss_mb,
     stack,
     table_mb,
 )
-
-from shared.broker import Broker
-from shared.settings import Settings
-from shared.tasks import publish_timer
 
 
 def parse_args() -> argparse.Namespace:
@@ -74,36 +71,6 @@ def parse_args() -> argparse.Namespace:
         help="bare keep-alive HTTP clients instead of aiohttp's (a lighter load generator)",
     )
     return parser.parse_args()
-
-
-def prefill(bench: Stack, count: int) -> list[str]:
-    """Bulk-insert pending rows so the tasks table is not empty (its size is what matters)."""
-    key_id = bench.mysql("SELECT MIN(id) AS id FROM api_keys")[0]["id"]
-    due = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() + 86_400))
-    now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    ids = [secrets.token_hex(20) for _ in range(count)]
-    for start in range(0, count, 5000):
-        rows = ", ".join(
-            f"('{ids[i]}', {key_id}, '{{\"p\":{i}}}', '{due}', '{now}')"
-            for i in range(start, min(count, start + 5000))
-        )
-        bench.mysql(
-            f"INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at) VALUES {rows}"
-        )
-    return ids
-
-
-async def prefill_timers(bench: Stack, task_ids: list[str]) -> None:
-    """Publish a timer per prefilled task (due in a day) through the cascade, confirmed."""
-    config = Settings(_env_file=None, **bench.env)  # type: ignore[call-arg]
-    broker = await Broker.connect(config)
-    try:
-        due_ms = int((time.time() + 86_400) * 1000)
-        for start in range(0, len(task_ids), 5000):
-            chunk = task_ids[start : start + 5000]
-            await asyncio.gather(*(publish_timer(broker, t, due_ms) for t in chunk))
-    finally:
-        await broker.close()
 
 
 def footprint(bench: Stack) -> str:
@@ -250,12 +217,12 @@ async def main() -> None:
             headers = await create_key(session, gateway.url, bench, "http://127.0.0.1:9/none")
         if args.prefill:
             started = time.monotonic()
-            task_ids = prefill(bench, args.prefill)
+            task_ids = bulk_pending(bench, args.prefill)
             took = time.monotonic() - started
             print(f"prefilled {args.prefill} pending task rows ({took:.0f} s)")
             if args.prefill_timers:
                 started = time.monotonic()
-                await prefill_timers(bench, task_ids)
+                await publish_timers(bench, task_ids)
                 print(f"published their timers ({time.monotonic() - started:.0f} s)")
             del task_ids
             print(f"footprint before: {footprint(bench)}")

@@ -29,6 +29,10 @@ import pymysql
 from aiohttp import web
 from measure import percentile
 
+from shared.broker import Broker
+from shared.settings import Settings
+from shared.tasks import publish_timer
+
 REPO = Path(__file__).resolve().parent.parent
 EXE = str(Path(sys.executable).parent / "queue-server")
 MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
@@ -358,3 +362,33 @@ def server_rss_mb() -> dict[str, float]:
         if name in ("beam.smp", "mariadbd"):
             found[name] = found.get(name, 0.0) + rss_mb(int(proc.name))
     return found
+
+
+def bulk_pending(bench: Stack, count: int) -> list[str]:
+    """Bulk-insert pending rows due in a day (no timers, no events); returns their task ids."""
+    key_id = bench.mysql("SELECT MIN(id) AS id FROM api_keys")[0]["id"]
+    due = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() + 86_400))
+    now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    ids = [secrets.token_hex(20) for _ in range(count)]
+    for start in range(0, count, 5000):
+        rows = ", ".join(
+            f"('{ids[i]}', {key_id}, '{{\"p\":{i}}}', '{due}', '{now}')"
+            for i in range(start, min(count, start + 5000))
+        )
+        bench.mysql(
+            f"INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at) VALUES {rows}"
+        )
+    return ids
+
+
+async def publish_timers(bench: Stack, task_ids: list[str]) -> None:
+    """Publish a timer per prefilled task (due in a day) through the cascade, confirmed."""
+    config = Settings(_env_file=None, **bench.env)  # type: ignore[call-arg]
+    broker = await Broker.connect(config)
+    try:
+        due_ms = int((time.time() + 86_400) * 1000)
+        for start in range(0, len(task_ids), 5000):
+            chunk = task_ids[start : start + 5000]
+            await asyncio.gather(*(publish_timer(broker, t, due_ms) for t in chunk))
+    finally:
+        await broker.close()
