@@ -308,7 +308,7 @@ async def queue_email(
         email_id = await _replay(db, key_id, idempotency_key, fingerprint)
         await publish_pending(db, broker, [email_id])  # if it is still queued
         return Queued(email_id, created=False)
-    await _publish_rows(db, broker, [{"email_id": email_id, "type": email.type}])
+    await publish_pending(db, broker, [email_id])
     return Queued(email_id, created=True)
 
 
@@ -430,7 +430,7 @@ async def publish_pending(db: Database, broker: Broker, email_ids: Sequence[str]
         batch = list(email_ids[start : start + _PUBLISH_BATCH])
         marks = ", ".join(["%s"] * len(batch))
         rows = await db.fetchall(
-            f"SELECT email_id, type FROM emails WHERE email_id IN ({marks}) AND status = %s",  # noqa: S608 - placeholders only
+            f"SELECT id, email_id, type FROM emails WHERE email_id IN ({marks}) AND status = %s",  # noqa: S608 - placeholders only
             [*batch, QUEUED],
         )
         done += await _publish_rows(db, broker, rows)
@@ -446,18 +446,28 @@ async def _publish_rows(db: Database, broker: Broker, rows: Sequence[Row]) -> in
         )
         for r in rows
     )
-    published = [r["email_id"] for r, res in zip(rows, results, strict=True) if res is None]
+    published = sorted(r["id"] for r, res in zip(rows, results, strict=True) if res is None)
     failed = [res for res in results if res is not None]
     if failed:
         log.warning("email.publish_deferred", count=len(failed), error=str(failed[0]))
         metrics.EMAILS.labels("publish_deferred", "").inc(len(failed))
     if published:
-        marks = ", ".join(["%s"] * len(published))
-        await db.execute(
-            f"UPDATE emails SET published = 1 WHERE email_id IN ({marks})",  # noqa: S608 - placeholders only
-            published,
-        )
+        await _update_by_ids(db, "published = 1", (), published)
     return len(published)
+
+
+async def _update_by_ids(
+    db: Database, assignments: str, args: Sequence[Any], ids: Sequence[int]
+) -> int:
+    """One UPDATE of several rows, by primary key in ascending order.
+
+    Every statement or transaction that locks more than one email row locks them in primary-key
+    order (claims and SENT records too), so two of them never wait on each other in a cycle;
+    should InnoDB still pick this one as a deadlock victim, it runs again.
+    """
+    marks = ", ".join(["%s"] * len(ids))
+    sql = f"UPDATE emails SET {assignments} WHERE id IN ({marks})"  # noqa: S608 - fixed fragments and placeholders
+    return await rerun_if_rolled_back(lambda: db.execute(sql, [*args, *sorted(ids)]))
 
 
 # --- records --------------------------------------------------------------------------------
@@ -592,15 +602,10 @@ async def _claim_many(
     now = utcnow()
     token = secrets.token_urlsafe(16)
     lease_until = now + timedelta(seconds=lease_s)
-    unique = sorted(set(email_ids))  # locked in index order by every worker: no deadlock
+    unique = sorted(set(email_ids))
     outcomes: dict[str, Claim | Skip] = {}
     async with db.transaction() as cur:
-        await cur.execute(
-            "SELECT * FROM emails FORCE INDEX (uq_emails_email_id)"  # noqa: S608 - placeholders only
-            f" WHERE email_id IN ({', '.join(['%s'] * len(unique))}) FOR UPDATE",
-            unique,
-        )
-        rows = {row["email_id"]: row for row in await cur.fetchall()}
+        rows = await _locked_rows(cur, unique)
         taken: list[Row] = []
         for email_id in unique:
             row = rows.get(email_id)
@@ -638,6 +643,24 @@ async def _claim_many(
         seen.add(email_id)
         results.append(outcomes[email_id])
     return results
+
+
+async def _locked_rows(cur: aiomysql.Cursor, email_ids: Sequence[str]) -> dict[str, Row]:
+    """The rows of `email_ids`, locked FOR UPDATE in primary-key order: the order every
+    multi-row writer of emails uses (see _update_by_ids). Ids first, with a plain read."""
+    await cur.execute(
+        f"SELECT id FROM emails WHERE email_id IN ({', '.join(['%s'] * len(email_ids))})",  # noqa: S608 - placeholders only
+        list(email_ids),
+    )
+    pks = sorted(row["id"] for row in await cur.fetchall())
+    if not pks:
+        return {}
+    await cur.execute(
+        "SELECT * FROM emails FORCE INDEX (PRIMARY)"  # noqa: S608 - placeholders only
+        f" WHERE id IN ({', '.join(['%s'] * len(pks))}) FOR UPDATE",
+        pks,
+    )
+    return {row["email_id"]: row for row in await cur.fetchall()}
 
 
 async def _end_unconfirmed(cur: aiomysql.Cursor, row: Row, info: dict[str, Any]) -> Skip:
@@ -691,11 +714,11 @@ async def mark_sent_many(db: Database, sent: Sequence[Sent]) -> list[list[str]]:
 
 async def _mark_sent_many(db: Database, sent: Sequence[Sent]) -> list[list[str]]:
     now = utcnow()
-    ids = sorted({item.claim.row["id"] for item in sent})  # primary-key order: no deadlock
+    ids = sorted({item.claim.row["id"] for item in sent})  # primary-key order, as everywhere
     results: list[list[str]] = [[] for _ in sent]
     async with db.transaction() as cur:
         await cur.execute(
-            "SELECT id, status, send_started_at FROM emails"  # noqa: S608 - placeholders only
+            "SELECT id, status, send_started_at FROM emails FORCE INDEX (PRIMARY)"  # noqa: S608 - placeholders only
             f" WHERE id IN ({', '.join(['%s'] * len(ids))}) FOR UPDATE",
             ids,
         )
@@ -824,9 +847,11 @@ async def republish(db: Database, broker: Broker, rows: Sequence[Row]) -> int:
     """Publish SendEmail again for `rows` and push their next look `next_attempt_at` to now."""
     count = await _publish_rows(db, broker, rows)
     if rows:
-        marks = ", ".join(["%s"] * len(rows))
-        await db.execute(
-            f"UPDATE emails SET next_attempt_at = %s WHERE published = 1 AND id IN ({marks})",  # noqa: S608 - placeholders only
-            [utcnow(), *(r["id"] for r in rows)],
+        # Rows not published stay due for the next sweep (published = 0 keeps them found).
+        await _update_by_ids(
+            db,
+            "next_attempt_at = IF(published = 1, %s, next_attempt_at)",
+            (utcnow(),),
+            [r["id"] for r in rows],
         )
     return count
