@@ -269,14 +269,18 @@ def watched(file_watch: FileWatch, tmp_path: Path) -> Iterator[FileWatch]:
 async def victim_template(client: Client, admin: dict[str, str]) -> str:
     """A real template that traversal-shaped names must not reach."""
     name = f"victim-{secrets.token_hex(4)}"
-    body, ctype = multipart(
-        {}, [("html", f'filename="{name}.html"'.encode(), "text/html", b"<p>{{-NAME-}}</p>")]
-    )
-    resp = await client.post(
+    await ok_json(await post_template(client, admin, f'filename="{name}.html"'.encode()))
+    return name
+
+
+async def post_template(
+    client: Client, admin: dict[str, str], disposition: bytes, html: bytes = b"<p>{{-NAME-}}</p>"
+) -> aiohttp.ClientResponse:
+    """POST one `html` file to add-template, built byte by byte (any file-name parameter)."""
+    body, ctype = multipart({}, [("html", disposition, "text/html", html)])
+    return await client.post(
         "/server/email/add-template", data=body, headers={**admin, "Content-Type": ctype}
     )
-    await ok_json(resp)
-    return name
 
 
 async def template_names(client: Client, admin: dict[str, str]) -> set[str]:
@@ -305,16 +309,10 @@ async def test_template_upload_refuses_traversal_names(
         if name.isprintable() and not any(c in name for c in '"\\'):
             params.append(f'filename="{name}.html"'.encode())
         for param in params:
-            body, ctype = multipart({}, [("html", param, "text/html", b"<p>root:x:0:0</p>")])
-            resp = await client.post(
-                "/server/email/add-template", data=body, headers={**admin, "Content-Type": ctype}
-            )
+            resp = await post_template(client, admin, param, b"<p>root:x:0:0</p>")
             await assert_error(resp, 400, "BAD_TEMPLATE")
     # A NUL in a plain quoted filename does not even parse as a multipart header.
-    body, ctype = multipart({}, [("html", b'filename="passwd\x00.html"', "text/html", b"<p/>")])
-    resp = await client.post(
-        "/server/email/add-template", data=body, headers={**admin, "Content-Type": ctype}
-    )
+    resp = await post_template(client, admin, b'filename="passwd\x00.html"', b"<p/>")
     await assert_error(resp, 400, "MALFORMED_MULTIPART")
 
     assert await template_names(client, admin) == before
@@ -453,13 +451,7 @@ async def test_nothing_injected_into_the_message_that_goes_out(
     """Values that are not headers (template data, attachment names) may hold CR/LF; the sent
     message must still have exactly its own headers, and attachment names are made safe."""
     name = f"inject-{secrets.token_hex(4)}"
-    body, ctype = multipart(
-        {}, [("html", f'filename="{name}.html"'.encode(), "text/html", b"<p>{{-NAME-}}</p>")]
-    )
-    resp = await client.post(
-        "/server/email/add-template", data=body, headers={**admin, "Content-Type": ctype}
-    )
-    await ok_json(resp)
+    await ok_json(await post_template(client, admin, f'filename="{name}.html"'.encode()))
     key = await make_key()
     hostile = "x\r\nBcc: victim@example.net\r\nX-Injected: 1\r\n\r\n<b>body</b>"
     attachments = {
