@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     CALLBACK_CONCURRENCY: int = Field(64, ge=1, le=5000)
     # Of those, at most this many for one key, so one slow receiver cannot take every slot.
     CALLBACK_PER_KEY_CONCURRENCY: int = Field(16, ge=1, le=5000)
+    # A delivery over its key's limit waits for a free slot while the key's oldest POST in
+    # flight is younger than this; past it (a slow or hung receiver) it is deferred at once.
+    CALLBACK_PER_KEY_PATIENCE_MS: float = Field(500.0, ge=0, le=60_000)
     # A 429/503 `Retry-After` is honoured up to this many seconds.
     CALLBACK_RETRY_AFTER_MAX_SECONDS: float = Field(3600.0, ge=0, le=86_400)
     # Destination networks (CIDRs, comma-separated) checked on the address actually connected

@@ -453,6 +453,44 @@ async def test_a_hanging_receiver_does_not_delay_other_keys(
         )
 
 
+async def test_a_burst_for_an_answering_key_waits_for_its_slots_instead_of_deferring(
+    make_key: Any, receiver: Receiver, own_ctx: OwnCtx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An expiry storm for one key: every delivery over the key's limit used to go back through
+    # the cascade with a growing backoff, so the burst reached its receiver over minutes.
+    open_now, most = 0, 0
+
+    async def counting(request: Received, seen: int) -> Answer:
+        nonlocal open_now, most
+        open_now += 1
+        most = max(most, open_now)
+        await asyncio.sleep(0.05)
+        open_now -= 1
+        return Answer(200)
+
+    receiver.respond("burst", counting)
+    key = await make_key(return_api=receiver.url("burst"))
+    deferred: list[str] = []
+    defer = CallbackWorker._defer
+
+    async def counted_defer(self: CallbackWorker, delivery: Any, deferrals: int) -> None:
+        deferred.append(delivery.event_id)
+        await defer(self, delivery, deferrals)
+
+    monkeypatch.setattr(CallbackWorker, "_defer", counted_defer)
+    overrides = {"CALLBACK_CONCURRENCY": 8, "CALLBACK_PER_KEY_CONCURRENCY": 2}
+    async with own_ctx(**overrides) as ctx, running(ctx):
+        owner = await key_id(ctx.db, key)
+        events = [await record(ctx.db, owner) for _ in range(12)]
+        await publish_events(ctx.broker, events)
+        got = await receiver.wait_for("burst", 12, timeout=30)
+        for event_id in events:
+            await status_becomes(ctx.db, event_id, "DELIVERED")
+    assert sorted(r.headers["webhook-id"] for r in got) == sorted(events)  # each once
+    assert deferred == []
+    assert most == 2  # the key's limit still holds at its receiver
+
+
 async def test_ssrf_guard_refuses_metadata_and_denied_networks(
     client: Client, make_key: Any, receiver: Receiver, own_ctx: OwnCtx
 ) -> None:

@@ -2,14 +2,16 @@
 
 A thin AMQP adapter (QueueConsumer) around `handle`: claim the event, POST it signed, record the
 attempt, and schedule the next one through the delay cascade. Many deliveries run at once
-(CALLBACK_CONCURRENCY); one key may hold only CALLBACK_PER_KEY_CONCURRENCY of them, so a receiver
-that hangs slows only its own key. The worker never sleeps on a message: waiting is always a
-message parked in the cascade. Claims and results reach MySQL in batches (see `Batcher`).
+(CALLBACK_CONCURRENCY); one key may have only CALLBACK_PER_KEY_CONCURRENCY POSTs open at its
+receiver (`KeySlots`), so a receiver that hangs slows only its own key. Claims and results reach
+MySQL in batches (see `Batcher`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import asyncio
+import contextlib
+import time
 from dataclasses import replace
 from datetime import datetime
 
@@ -30,13 +32,53 @@ log = structlog.get_logger("callbacks")
 
 # A claim outlives the attempt's timeout by this much: room for the attempt's own bookkeeping.
 LEASE_MARGIN_SECONDS = 5.0
-# A key at its in-flight limit has its extra events re-queued after a backoff that grows with
-# each deferral (capped), so a huge backlog for a hung receiver does not spin through the broker.
+# A key at its in-flight limit whose receiver is slow has its extra events re-queued after a
+# backoff that grows with each deferral (capped), so a huge backlog for a hung receiver does not
+# spin through the broker.
 BUSY_BASE_MS = 500.0
 BUSY_CAP_MS = 30_000.0
 # Events claimed or finished in one MySQL batch, at most; and batches in flight at once.
 BATCH_LIMIT = 200
 BATCH_PARALLEL = 1
+
+
+class KeySlots:
+    """At most `limit` POSTs open per key; over the limit, wait for the key's next free slot
+    only while its receiver is answering.
+
+    "Answering" means the key's oldest POST in flight started less than `patience` seconds ago.
+    A burst for one healthy receiver (an expiry storm) then flows at `limit` POSTs at a time
+    without a trip through the broker per event; a slow or hung receiver gets no waiters: its
+    extra events are deferred at once (None) and cannot hold the worker's other slots.
+    """
+
+    def __init__(self, limit: int, patience_s: float) -> None:
+        self._limit = limit
+        self._patience = patience_s
+        self._started: dict[int, list[float]] = {}  # per key, oldest first
+        self._freed: dict[int, asyncio.Event] = {}
+
+    async def acquire(self, key: int) -> float | None:
+        """A slot (pass it to `release`), or None: defer this delivery."""
+        while len(self._started.get(key, ())) >= self._limit:
+            patience = self._started[key][0] + self._patience - time.monotonic()
+            if patience <= 0:
+                return None
+            freed = self._freed.setdefault(key, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(freed.wait(), patience)
+        slot = time.monotonic()
+        self._started.setdefault(key, []).append(slot)
+        return slot
+
+    def release(self, key: int, slot: float) -> None:
+        started = self._started[key]
+        started.remove(slot)
+        if not started:
+            del self._started[key]
+        freed = self._freed.pop(key, None)
+        if freed is not None:
+            freed.set()  # every waiter looks again; the first to run takes the slot
 
 
 class CallbackWorker:
@@ -55,7 +97,9 @@ class CallbackWorker:
         # A timer longer than one pass of the delay cascade would arrive early and find the
         # event not yet due; waits are capped to one pass instead (8.5 years by default).
         self._max_wait_ms = float(cascade_for(settings).max_ms)
-        self._in_flight: Counter[int] = Counter()
+        self._slots = KeySlots(
+            settings.CALLBACK_PER_KEY_CONCURRENCY, settings.CALLBACK_PER_KEY_PATIENCE_MS / 1000
+        )
         self._session: aiohttp.ClientSession | None = None
         self._claims: Batcher[str, Claim] = Batcher(
             self._claim, limit=BATCH_LIMIT, parallel=BATCH_PARALLEL
@@ -111,15 +155,15 @@ class CallbackWorker:
             self._not_claimed(delivery)
             return
         key = delivery.api_key_id
-        if self._in_flight[key] >= self._ctx.settings.CALLBACK_PER_KEY_CONCURRENCY:
+        slot = await self._slots.acquire(key)
+        if slot is None:
             await self._defer(delivery, command.attempt)
-        self._in_flight[key] += 1
+            return
         try:
-            await self._deliver(delivery)
+            attempt = await self._attempt(delivery)
         finally:
-            self._in_flight[key] -= 1
-            if self._in_flight[key] <= 0:
-                del self._in_flight[key]
+            self._slots.release(key, slot)
+        await self._record(delivery, *attempt)
 
     def _not_claimed(self, delivery: Delivery) -> None:
         """The event may not be sent now: finished, not yet due, or leased to another attempt."""
@@ -139,7 +183,10 @@ class CallbackWorker:
         await callbacks.release(self._ctx.db, delivery, delay_seconds=delay_ms / 1000)
         raise Retry(delay_ms, "key at its in-flight limit")
 
-    async def _deliver(self, delivery: Delivery) -> None:
+    async def _attempt(
+        self, delivery: Delivery
+    ) -> tuple[webhooks.AttemptResult, datetime, callbacks.Outcome | None]:
+        """POST the event: what came of it, when it started, and the outcome if already known."""
         settings = self._ctx.settings
         started_at = utcnow()
         try:
@@ -148,9 +195,7 @@ class CallbackWorker:
             log.error("callback.secret_unreadable", api_key_id=delivery.api_key_id)
             error = "webhook secret unreadable (SALT changed?); not delivered"
             result = webhooks.AttemptResult(status_code=None, latency_ms=0, error=error)
-            gave_up = callbacks.Outcome(callbacks.FAILED, delivery.schedule_step)
-            await self._record(delivery, result, started_at, gave_up)
-            return
+            return result, started_at, callbacks.Outcome(callbacks.FAILED, delivery.schedule_step)
         result = await webhooks.post(
             self._session_or_fail(),
             delivery.return_api or "",
@@ -158,7 +203,7 @@ class CallbackWorker:
             headers,
             timeout_seconds=settings.CALLBACK_TIMEOUT_SECONDS,
         )
-        await self._record(delivery, result, started_at)
+        return result, started_at, None
 
     def _headers(self, delivery: Delivery) -> dict[str, str]:
         secret = None
