@@ -13,6 +13,7 @@ takes a good part of one core itself (its CPU time is printed), so treat results
     .venv/bin/python bench/tasks_add.py --concurrency 64 --duration 20
     .venv/bin/python bench/tasks_add.py --prefill 50000     # with 50k pending tasks in MySQL
     .venv/bin/python bench/tasks_add.py --prefill 1000000 --prefill-timers  # and their timers
+    .venv/bin/python bench/tasks_add.py --prefill 1000000 --prefill-timers --settle 120
     .venv/bin/python bench/tasks_add.py --raw-client        # a load generator ~4x lighter
 
 Besides req/s and latency it prints CPU per request (gateway and load generator) and the CPU
@@ -63,6 +64,12 @@ def parse_args() -> argparse.Namespace:
         "--prefill-timers",
         action="store_true",
         help="also publish the prefilled tasks' timers into the delay cascade, as adds would",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0,
+        help="idle seconds after the prefill, so the broker has written it away (0)",
     )
     parser.add_argument("--pool", type=int, default=10, help="the gateway's MYSQL_POOL_SIZE (10)")
     parser.add_argument(
@@ -225,6 +232,9 @@ async def main() -> None:
                 await publish_timers(bench, task_ids)
                 print(f"published their timers ({time.monotonic() - started:.0f} s)")
             del task_ids
+            if args.settle:
+                await asyncio.sleep(args.settle)
+                print(f"idle for {args.settle:.0f} s after the prefill")
             print(f"footprint before: {footprint(bench)}")
         print(f"gateway RSS before: {rss_mb(gateway.proc.pid):.0f} MB")
         meter = CpuMeter({"gateway": gateway.proc.pid})
