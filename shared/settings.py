@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     RECONCILE_INTERVAL_SECONDS: float = Field(5.0, gt=0, le=3600)
     # Work not done this long after it was due is treated as lost and re-published.
     RECONCILE_GRACE_SECONDS: float = Field(10.0, ge=1, le=3600)
+    # Tasks are swept more often, and fired once this late: a timer still in the cascade
+    # then (an expiry storm queues in the broker's dead-lettering) is overtaken by MySQL.
+    TASK_SWEEP_INTERVAL_SECONDS: float = Field(1.0, gt=0, le=3600)
+    TASK_SWEEP_GRACE_SECONDS: float = Field(2.0, ge=0.5, le=3600)
     # How often each gateway refreshes the fleet gauges (rows by status, queue depths).
     STATUS_REFRESH_SECONDS: float = Field(15.0, ge=1, le=3600)
 

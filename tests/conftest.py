@@ -115,6 +115,9 @@ def base_env(
         "EMAIL_OUTBOX_DIR": str(tmp_path_factory.mktemp("outbox")),
         "LOG_FORMAT": "console",
         "LOG_LEVEL": "WARNING",
+        # Tests that check a timer fired its task must not race the prompt task sweep on a
+        # loaded runner; the sweep's own tests set a short grace.
+        "TASK_SWEEP_GRACE_SECONDS": "10",
     }
 
 

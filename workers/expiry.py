@@ -188,14 +188,23 @@ class ExpiryWorker:
 
 
 async def sweep_overdue_tasks(ctx: Context) -> int:
-    """Fire PENDING tasks overdue by more than RECONCILE_GRACE_SECONDS (lost or late timers)."""
-    grace = timedelta(seconds=ctx.settings.RECONCILE_GRACE_SECONDS)
+    """Fire PENDING tasks overdue by more than TASK_SWEEP_GRACE_SECONDS (lost or late timers)."""
+    grace = timedelta(seconds=ctx.settings.TASK_SWEEP_GRACE_SECONDS)
     fired = 0
-    for _ in range(SWEEP_MAX_BATCHES):
-        due_before = utcnow() - grace
-        ids = await tasks.overdue_task_ids(ctx.db, due_before=due_before, limit=SWEEP_BATCH)
-        if ids:
-            fired += len(await tasks.expire_tasks(ctx.db, ctx.broker, ids, source="reconciler"))
-        if len(ids) < SWEEP_BATCH:
-            break
+    # A batch's callbacks are published while the next batch is written (publish_events never
+    # raises: what it cannot publish, the callbacks sweep re-publishes).
+    publishing: list[asyncio.Task[None]] = []
+    try:
+        for _ in range(SWEEP_MAX_BATCHES):
+            due_before = utcnow() - grace
+            ids = await tasks.overdue_task_ids(ctx.db, due_before=due_before, limit=SWEEP_BATCH)
+            if ids:
+                expired = await tasks.expire_tasks_in_db(ctx.db, ids, source="reconciler")
+                fired += len(expired.task_ids)
+                publish = publish_events(ctx.broker, expired.event_ids)
+                publishing.append(asyncio.create_task(publish))
+            if len(ids) < SWEEP_BATCH:
+                break
+    finally:
+        await asyncio.gather(*publishing)
     return fired
