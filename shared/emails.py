@@ -675,21 +675,41 @@ async def _end_unconfirmed(cur: aiomysql.Cursor, row: Row, info: dict[str, Any])
     return Skip("unconfirmed", event_ids=await record_events(cur, [event]))
 
 
-async def mark_sending(db: Database, claimed: Claim, *, lease_s: float) -> bool:
-    """Stamp `send_started_at` under the claim and renew its lease; False if the claim is no
-    longer this worker's.
+async def mark_sending_many(db: Database, claims: Sequence[Claim], *, lease_s: float) -> list[bool]:
+    """Stamp `send_started_at` under each claim and renew its lease, for several emails in one
+    transaction (the email worker batches them); False for a claim no longer this worker's.
 
     Renewing matters: a live owner that waited long for its slot must not have the email taken
     over (and ended SEND_UNCONFIRMED) while it is about to send.
     """
+    return await rerun_if_rolled_back(lambda: _mark_sending_many(db, claims, lease_s))
+
+
+async def _mark_sending_many(db: Database, claims: Sequence[Claim], lease_s: float) -> list[bool]:
     now = utcnow()
     lease_until = now + timedelta(seconds=lease_s)
-    changed = await db.execute(
-        "UPDATE emails SET send_started_at = %s, lease_until = %s, next_attempt_at = %s"
-        " WHERE id = %s AND status = %s AND claim_token = %s",
-        (now, lease_until, lease_until, claimed.row["id"], PROCESSING, claimed.token),
-    )
-    return changed > 0
+    ids = sorted({claim.row["id"] for claim in claims})  # primary-key order, as everywhere
+    async with db.transaction() as cur:
+        await cur.execute(
+            "SELECT id, status, claim_token FROM emails FORCE INDEX (PRIMARY)"  # noqa: S608 - placeholders only
+            f" WHERE id IN ({', '.join(['%s'] * len(ids))}) FOR UPDATE",
+            ids,
+        )
+        current = {row["id"]: row for row in await cur.fetchall()}
+        held = [
+            (row := current.get(claim.row["id"])) is not None
+            and row["status"] == PROCESSING
+            and row["claim_token"] == claim.token
+            for claim in claims
+        ]
+        stamped = sorted({c.row["id"] for c, ok in zip(claims, held, strict=True) if ok})
+        if stamped:
+            await cur.execute(
+                "UPDATE emails SET send_started_at = %s, lease_until = %s, next_attempt_at = %s"  # noqa: S608 - placeholders only
+                f" WHERE id IN ({', '.join(['%s'] * len(stamped))})",
+                (now, lease_until, lease_until, *stamped),
+            )
+    return held
 
 
 @dataclass(frozen=True)

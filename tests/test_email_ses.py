@@ -528,6 +528,18 @@ async def test_claims_and_sent_records_in_one_batch(stack: Stack) -> None:
     (again,) = await emails.claim_many(stack.db, [first], lease_s=60, info={})
     assert isinstance(again, emails.Skip) and again.reason == "busy"
 
+    # Send stamps: only under the claim that holds the row (a stale token stamps nothing).
+    stale = dataclasses.replace(b, token="not-the-owner")
+    assert await emails.mark_sending_many(stack.db, [a, stale, b], lease_s=60) == [
+        True,
+        False,
+        True,
+    ]
+    marks = await stack.db.fetchall(
+        "SELECT email_id, send_started_at FROM emails WHERE email_id IN (%s, %s)", (first, second)
+    )
+    assert all(row["send_started_at"] is not None for row in marks)
+
     recorded = await emails.mark_sent_many(
         stack.db,
         [emails.Sent(a, "msg-a", {}), emails.Sent(b, "msg-b", {}), emails.Sent(a, "msg-x", {})],

@@ -121,9 +121,15 @@ class EmailWorker:
                 (emails.PROMOTIONAL, Priority.PROMOTIONAL),
             )
         ]
-        # Claims and SENT records of emails handled at the same time share one transaction.
+        # Claims, send stamps and SENT records of emails handled at the same time share one
+        # transaction each.
         self._claims: Batcher[str, emails.Claim | emails.Skip] = Batcher(
             self._claim_batch, limit=DB_BATCH_LIMIT
+        )
+        lease_s = s.EMAIL_LEASE_SECONDS
+        self._stamps: Batcher[emails.Claim, bool] = Batcher(
+            lambda batch: emails.mark_sending_many(ctx.db, batch, lease_s=lease_s),
+            limit=DB_BATCH_LIMIT,
         )
         self._sent: Batcher[emails.Sent, list[str]] = Batcher(
             lambda batch: emails.mark_sent_many(ctx.db, batch), limit=DB_BATCH_LIMIT
@@ -242,8 +248,7 @@ class EmailWorker:
         lead = grant.due - MARK_LEAD_S - time.monotonic()
         if lead > 0:
             await asyncio.sleep(lead)
-        lease_s = self._ctx.settings.EMAIL_LEASE_SECONDS
-        if not await emails.mark_sending(self._ctx.db, claimed, lease_s=lease_s):
+        if not await self._stamps.submit(claimed):
             raise ClaimLost()
         return grant
 
