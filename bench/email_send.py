@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--uncapped", action="store_true", help="measure unpaced throughput")
     parser.add_argument("--count", type=int, default=6000, help="uncapped: emails (6000)")
     parser.add_argument(
-        "--prefetch", type=int, default=32, help="EMAIL_PREFETCH (32, the service's default)"
+        "--prefetch", type=int, default=64, help="EMAIL_PREFETCH (64, the service's default)"
     )
     parser.add_argument("--pool", type=int, default=10, help="the worker's MYSQL_POOL_SIZE (10)")
     return parser.parse_args()

@@ -109,7 +109,7 @@ class Settings(BaseSettings):
 
     # --- email ---------------------------------------------------------------------------
     # SendEmail commands one email worker holds per queue (transactional and promotional).
-    EMAIL_PREFETCH: int = Field(32, ge=1, le=1000)
+    EMAIL_PREFETCH: int = Field(64, ge=1, le=1000)
     # Transient send failures (timeouts, 5xx) before an email is ERROR; throttling never counts.
     EMAIL_MAX_ATTEMPTS: int = Field(6, ge=1, le=50)
     EMAIL_RETRY_BASE_MS: float = Field(2000, ge=100, le=600_000)
