@@ -652,15 +652,22 @@ async def _locked_rows(cur: aiomysql.Cursor, email_ids: Sequence[str]) -> dict[s
         f"SELECT id FROM emails WHERE email_id IN ({', '.join(['%s'] * len(email_ids))})",  # noqa: S608 - placeholders only
         list(email_ids),
     )
-    pks = sorted(row["id"] for row in await cur.fetchall())
+    pks = [row["id"] for row in await cur.fetchall()]
     if not pks:
         return {}
+    rows = await _lock_by_pk(cur, "*", pks)
+    return {row["email_id"]: row for row in rows.values()}
+
+
+async def _lock_by_pk(cur: aiomysql.Cursor, columns: str, pks: Iterable[int]) -> dict[int, Row]:
+    """`columns` of the email rows `pks`, locked FOR UPDATE in primary-key order, by pk."""
+    ordered = sorted(set(pks))
     await cur.execute(
-        "SELECT * FROM emails FORCE INDEX (PRIMARY)"  # noqa: S608 - placeholders only
-        f" WHERE id IN ({', '.join(['%s'] * len(pks))}) FOR UPDATE",
-        pks,
+        f"SELECT {columns} FROM emails FORCE INDEX (PRIMARY)"  # noqa: S608 - fixed columns, placeholders
+        f" WHERE id IN ({', '.join(['%s'] * len(ordered))}) FOR UPDATE",
+        ordered,
     )
-    return {row["email_id"]: row for row in await cur.fetchall()}
+    return {row["id"]: row for row in await cur.fetchall()}
 
 
 async def _end_unconfirmed(cur: aiomysql.Cursor, row: Row, info: dict[str, Any]) -> Skip:
@@ -688,14 +695,9 @@ async def mark_sending_many(db: Database, claims: Sequence[Claim], *, lease_s: f
 async def _mark_sending_many(db: Database, claims: Sequence[Claim], lease_s: float) -> list[bool]:
     now = utcnow()
     lease_until = now + timedelta(seconds=lease_s)
-    ids = sorted({claim.row["id"] for claim in claims})  # primary-key order, as everywhere
     async with db.transaction() as cur:
-        await cur.execute(
-            "SELECT id, status, claim_token FROM emails FORCE INDEX (PRIMARY)"  # noqa: S608 - placeholders only
-            f" WHERE id IN ({', '.join(['%s'] * len(ids))}) FOR UPDATE",
-            ids,
-        )
-        current = {row["id"]: row for row in await cur.fetchall()}
+        pks = (claim.row["id"] for claim in claims)
+        current = await _lock_by_pk(cur, "id, status, claim_token", pks)
         held = [
             (row := current.get(claim.row["id"])) is not None
             and row["status"] == PROCESSING
@@ -734,15 +736,10 @@ async def mark_sent_many(db: Database, sent: Sequence[Sent]) -> list[list[str]]:
 
 async def _mark_sent_many(db: Database, sent: Sequence[Sent]) -> list[list[str]]:
     now = utcnow()
-    ids = sorted({item.claim.row["id"] for item in sent})  # primary-key order, as everywhere
     results: list[list[str]] = [[] for _ in sent]
     async with db.transaction() as cur:
-        await cur.execute(
-            "SELECT id, status, send_started_at FROM emails FORCE INDEX (PRIMARY)"  # noqa: S608 - placeholders only
-            f" WHERE id IN ({', '.join(['%s'] * len(ids))}) FOR UPDATE",
-            ids,
-        )
-        current = {row["id"]: row for row in await cur.fetchall()}
+        pks = (item.claim.row["id"] for item in sent)
+        current = await _lock_by_pk(cur, "id, status, send_started_at", pks)
         winners: dict[int, int] = {}  # email pk -> index in `sent` of the SENT that counts
         for index, item in enumerate(sent):
             row = current.get(item.claim.row["id"])
