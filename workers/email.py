@@ -52,7 +52,7 @@ DEFAULT_RATE = 10.0
 # Messages bigger than this are built in a thread so the event loop keeps other slots on time.
 BUILD_IN_THREAD_BYTES = 256 * 1024
 QUOTA_MIN_INTERVAL_S = 1.0  # GetSendQuota allows one call per second
-# Most claims, or SENT records, written in one transaction.
+# Most claims, send stamps or SENT records written in one transaction.
 DB_BATCH_LIMIT = 100
 
 
@@ -221,9 +221,7 @@ class EmailWorker:
                 await self._release(claimed, exc.retry_after, None, failed=False, why="no slot")
                 return None
             except asyncio.CancelledError:
-                # Stopping before the message left: hand it back so the redelivery sends it now.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(emails.release(self._ctx.db, claimed, retry_in=0))
+                await self._hand_back(claimed)
                 raise
             if asked is not None:
                 metrics.EMAIL_SLOT_WAIT_SECONDS.labels(priority.name).observe(
@@ -271,9 +269,8 @@ class EmailWorker:
             await self._on_failure(claimed, failure)
             return None
         except asyncio.CancelledError:
-            if not passed:  # stopped while waiting for the slot: hand it back, to be sent now
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(emails.release(self._ctx.db, claimed, retry_in=0))
+            if not passed:  # stopped while waiting at the send gate
+                await self._hand_back(claimed)
             raise
         finally:
             SEND_GATE.reset(token)
@@ -281,6 +278,11 @@ class EmailWorker:
                 metrics.EMAIL_SEND_SECONDS.labels(self._transport.name).observe(
                     time.perf_counter() - left
                 )
+
+    async def _hand_back(self, claimed: emails.Claim) -> None:
+        """Stopping before the message left: release it so its redelivery sends it at once."""
+        with contextlib.suppress(Exception):
+            await asyncio.shield(emails.release(self._ctx.db, claimed, retry_in=0))
 
     async def _on_failure(self, claimed: emails.Claim, failure: SendFailure) -> None:
         s = self._ctx.settings
