@@ -47,14 +47,26 @@ class CpuMeter:
         self.processes = processes
         self._start: dict[str, float] = {}
         self._wall = 0.0
+        self._busy = 0.0
+
+    @staticmethod
+    def _machine_busy() -> float:
+        """CPU seconds the whole machine spent not idle (all cores), from /proc/stat."""
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
     def start(self) -> None:
         self._wall = time.monotonic()
         self._start = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
+        self._busy = self._machine_busy()
 
     def report(self) -> str:
         wall = time.monotonic() - self._wall
         used = {n: cpu_seconds(p) - self._start[n] for n, p in self.processes.items()}
-        return "CPU (% of one core): " + ", ".join(
-            f"{name} {seconds / wall * 100:.0f}%" for name, seconds in used.items()
+        machine = (self._machine_busy() - self._busy) / wall * 100
+        return (
+            "CPU (% of one core): "
+            + ", ".join(f"{name} {seconds / wall * 100:.0f}%" for name, seconds in used.items())
+            + f"; whole machine {machine:.0f}% of {os.cpu_count()} cores"
         )

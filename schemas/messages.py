@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Command(BaseModel):
@@ -39,6 +39,20 @@ class DeliverCallback(Command):
     event_id: str
 
 
+class DeliverCallbacks(Command):
+    """Several events committed together (an expiry batch, a sweep): one message for all.
+
+    Their first attempt is made from this message; a later attempt of any one of them is a
+    `DeliverCallback` of its own.
+    """
+
+    TYPE: ClassVar[str] = "callback.deliver_many"
+    DESTINATION: ClassVar[str] = "callbacks"
+    MAX_EVENTS: ClassVar[int] = 500
+
+    event_ids: tuple[str, ...] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
 class SendEmail(Command):
     """Published to `email-promotional` instead for PROMOTIONAL mail (see shared.broker)."""
 
@@ -56,5 +70,5 @@ class ProcessSesEvent(Command):
 
 
 COMMANDS: dict[str, type[Command]] = {
-    c.TYPE: c for c in (ExpireTask, DeliverCallback, SendEmail, ProcessSesEvent)
+    c.TYPE: c for c in (ExpireTask, DeliverCallback, DeliverCallbacks, SendEmail, ProcessSesEvent)
 }

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import aiomysql
 import structlog
 
-from schemas.messages import DeliverCallback
+from schemas.messages import Command, DeliverCallback, DeliverCallbacks
 from shared.broker import Broker, publish_all
 from shared.db import Database, Row, rerun_if_rolled_back, utcnow
 from shared.ids import new_event_id
@@ -43,6 +43,8 @@ FINISHED = (DELIVERED, FAILED, GONE)
 # What "replay every failed delivery since ..." picks up.
 UNDELIVERED = (FAILED, GONE)
 RETRY = "RETRY"  # the outcome of an attempt that will be tried again
+# Events per DeliverCallbacks message (see publish_events).
+PUBLISH_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,28 @@ async def record_events(cur: aiomysql.Cursor, events: Sequence[NewEvent]) -> lis
 
 
 async def publish_events(broker: Broker, event_ids: Sequence[str]) -> None:
-    """Hand committed events to the callbacks worker; failures are left to the reconciler."""
+    """Hand committed events to the callbacks worker; failures are left to the reconciler.
+
+    Events committed together travel together, `PUBLISH_BATCH` to a message: in an expiry
+    storm a message per event cost the broker and both ends more than the POSTs did.
+    """
     results = await publish_all(
-        broker.publish(DeliverCallback(event_id=e), message_id=e) for e in event_ids
+        broker.publish(command, message_id=message_id)
+        for command, message_id in delivery_commands(event_ids)
     )
     failed = [r for r in results if r is not None]
     if failed:
         log.warning("callback.publish_deferred", count=len(failed), error=str(failed[0]))
+
+
+def delivery_commands(event_ids: Sequence[str]) -> Iterator[tuple[Command, str]]:
+    """The messages that carry `event_ids`, with their message ids (a batch's: "first+more")."""
+    for start in range(0, len(event_ids), PUBLISH_BATCH):
+        chunk = tuple(event_ids[start : start + PUBLISH_BATCH])
+        if len(chunk) == 1:
+            yield DeliverCallback(event_id=chunk[0]), chunk[0]
+        else:
+            yield DeliverCallbacks(event_ids=chunk), f"{chunk[0]}+{len(chunk) - 1}"
 
 
 # --- what the worker reads and decides --------------------------------------------------------

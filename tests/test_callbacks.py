@@ -28,9 +28,9 @@ from receiver import Answer, Received, Receiver
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from gateway.app_keys import BROKER, DB
-from schemas.messages import DeliverCallback
+from schemas.messages import DeliverCallback, DeliverCallbacks
 from shared.broker import Broker
-from shared.callbacks import NewEvent, publish_events, record_events
+from shared.callbacks import NewEvent, delivery_commands, publish_events, record_events
 from shared.db import Database
 from shared.settings import Settings
 from shared.signing import verify_callback_token
@@ -267,6 +267,44 @@ async def test_two_workers_with_the_same_event_post_it_once(
     assert all(o is None or isinstance(o, Retry) for o in outcomes), outcomes
     assert len(receiver.at("once")) == 1
     assert [a["outcome"] for a in await attempts(db, event_id)] == ["DELIVERED"]
+
+
+async def test_events_committed_together_travel_in_one_message_each_handled_alone(
+    client: Client, make_key: Any, receiver: Receiver, own_ctx: OwnCtx
+) -> None:
+    receiver.respond("batch", script(Answer(200)))
+    scheduled: list[DeliverCallback] = []
+    async with own_ctx() as ctx, running(ctx) as worker:
+        owner = await key_id(ctx.db, await make_key(return_api=receiver.url("batch")))
+        fresh, done, leased = [await record(ctx.db, owner) for _ in range(3)]
+        await ctx.db.execute(
+            "UPDATE callback_events SET status = 'DELIVERED' WHERE event_id = %s", (done,)
+        )
+        await ctx.db.execute(  # another worker holds this one for 30 s more
+            "UPDATE callback_events SET status = 'SENDING', lease_token = 'theirs',"
+            " next_attempt_at = UTC_TIMESTAMP(3) + INTERVAL 30 SECOND WHERE event_id = %s",
+            (leased,),
+        )
+        many = list(delivery_commands([fresh, done, leased]))
+        assert [type(c) for c, _ in many] == [DeliverCallbacks]
+        assert many[0][1] == f"{fresh}+2"  # message id: first event and how many follow
+        publish = ctx.broker.publish
+
+        async def recorded(command: Any, **kw: Any) -> None:
+            scheduled.append(command)
+            await publish(command, **kw)
+
+        ctx.broker.publish = recorded  # type: ignore[method-assign]
+        await worker.handle(many[0][0])  # returns: the batch is acked
+        await status_becomes(ctx.db, fresh, "DELIVERED")
+    assert [r.headers["webhook-id"] for r in receiver.at("batch")] == [fresh]
+    # Only the leased event goes round again, as a single delivery of its own.
+    assert scheduled == [DeliverCallback(event_id=leased, attempt=1)]
+    assert (await event_row(client.app[DB], leased))["lease_token"] == "theirs"
+    chunks = [c for c, _ in delivery_commands([str(i) for i in range(250)])]
+    assert [len(c.event_ids) for c in chunks if isinstance(c, DeliverCallbacks)] == [100, 100, 50]
+    [single] = delivery_commands(["only"])
+    assert single == (DeliverCallback(event_id="only"), "only")
 
 
 # --- retries (own workers with a short schedule) ----------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 
@@ -19,7 +20,7 @@ import aiohttp
 import structlog
 from cryptography.exceptions import InvalidTag
 
-from schemas.messages import Command, DeliverCallback
+from schemas.messages import Command, DeliverCallback, DeliverCallbacks
 from shared import callbacks, crypto, metrics, webhooks
 from shared.batching import Batcher
 from shared.broker import BrokerUnavailable, cascade_for
@@ -100,6 +101,9 @@ class CallbackWorker:
         self._slots = KeySlots(
             settings.CALLBACK_PER_KEY_CONCURRENCY, settings.CALLBACK_PER_KEY_PATIENCE_MS / 1000
         )
+        # Deliveries in progress at once, from single messages and batches alike (the prefetch
+        # alone would let a few batches start thousands).
+        self._running = asyncio.Semaphore(settings.CALLBACK_CONCURRENCY)
         self._session: aiohttp.ClientSession | None = None
         self._claims: Batcher[str, Claim] = Batcher(
             self._claim, limit=BATCH_LIMIT, parallel=BATCH_PARALLEL
@@ -140,16 +144,45 @@ class CallbackWorker:
                 self._session = None
 
     async def handle(self, command: Command) -> None:
-        """The consumer's handler: one `callback.deliver` command.
+        """The consumer's handler: one `callback.deliver` or `callback.deliver_many` command.
 
-        Its log lines carry the consumer's `message_id`, which is the event id.
+        Log lines carry the consumer's `message_id`: the event id of a single delivery.
         """
-        if not isinstance(command, DeliverCallback):
+        if isinstance(command, DeliverCallbacks):
+            await self._deliver_many(command.event_ids)
+        elif isinstance(command, DeliverCallback):
+            async with self._running:
+                await self._deliver(command.event_id, command.attempt)
+        else:
             raise Reject(f"unexpected {command.TYPE} on the callbacks queue")
-        claim = await self._claims.submit(command.event_id)
+
+    async def _deliver_many(self, event_ids: Sequence[str]) -> None:
+        """Deliver each event of a batch as if it had come alone; ack the batch after all.
+
+        What would retry a single message (a lease held elsewhere, a busy key) schedules that
+        one event as its own message instead. If anything else fails, the first error is
+        raised once every event has settled, and the batch comes again: the events it already
+        finished are skipped then, because each claim is conditional.
+        """
+
+        async def one(event_id: str) -> None:
+            async with self._running:
+                try:
+                    await self._deliver(event_id, 0)
+                except Retry as retry:
+                    await self._schedule(event_id, retry.delay_ms / 1000, attempt=1)
+
+        results = await asyncio.gather(*(one(e) for e in event_ids), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _deliver(self, event_id: str, deferrals: int) -> None:
+        """Claim the event, POST it within its key's share of slots, and record the attempt."""
+        claim = await self._claims.submit(event_id)
         delivery = claim.delivery
         if delivery is None:
-            log.warning("callback.unknown_event", event_id=command.event_id)
+            log.warning("callback.unknown_event", event_id=event_id)
             return
         if not claim.claimed:
             self._not_claimed(delivery)
@@ -157,7 +190,7 @@ class CallbackWorker:
         key = delivery.api_key_id
         slot = await self._slots.acquire(key)
         if slot is None:
-            await self._defer(delivery, command.attempt)
+            await self._defer(delivery, deferrals)
             return
         try:
             attempt = await self._attempt(delivery)
@@ -258,10 +291,10 @@ class CallbackWorker:
         if held and outcome.status == callbacks.PENDING:
             await self._schedule(delivery.event_id, outcome.delay_seconds)
 
-    async def _schedule(self, event_id: str, delay_seconds: float) -> None:
+    async def _schedule(self, event_id: str, delay_seconds: float, attempt: int = 0) -> None:
         try:
             await self._ctx.broker.publish(
-                DeliverCallback(event_id=event_id),
+                DeliverCallback(event_id=event_id, attempt=attempt),
                 delay_ms=delay_seconds * 1000,
                 message_id=event_id,
             )
