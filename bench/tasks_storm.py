@@ -22,6 +22,7 @@ import random
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from typing import Any
 
 from measure import CpuMeter
 from tasks_common import (
@@ -96,6 +97,20 @@ async def create_direct(bench: Stack, due: list[float]) -> list[str]:
     return ids
 
 
+def timeline(second: int, rows: list[dict[str, Any]], receipts: list[float]) -> str:
+    """Per whole second from `second`: tasks fired by each path, and callbacks received."""
+    fired: Counter[tuple[int, str]] = Counter()
+    for row in rows:
+        if row["expired_at"]:
+            at = row["expired_at"].replace(tzinfo=UTC).timestamp()
+            fired[int(at - second), row["fired_by"]] += 1
+    got = Counter(int(at - second) for at in receipts)
+    last = max([s for s, _ in fired] + list(got), default=0)
+    return " ".join(
+        f"{s}:{fired[s, 'timer']}/{fired[s, 'reconciler']},{got[s]}" for s in range(last + 1)
+    )
+
+
 async def main() -> None:
     args = parse_args()
     with stack("storm") as bench:
@@ -143,6 +158,8 @@ async def main() -> None:
             f" {sum(n - 1 for n in per_task.values())},"
             f" fired by {dict(Counter(r['fired_by'] for r in rows))}"
         )
+        print("  per second after the due second began: fired (timer/reconciler), received")
+        print("    " + timeline(second, rows, receipts=[a.at for a in expired]))
         print("  worker RSS: " + ", ".join(f"{n} {mb:.0f} MB" for n, mb in rss.items()))
 
 

@@ -458,18 +458,33 @@ async def expire_tasks(
     return expired.task_ids
 
 
-async def expire_tasks_in_db(db: Database, task_ids: Sequence[str], *, source: FiredBy) -> Expired:
+@dataclass(frozen=True)
+class DueScan:
+    """Also fire up to `limit` other PENDING tasks due before `before` (oldest first)."""
+
+    before: datetime
+    limit: int
+
+
+async def expire_tasks_in_db(
+    db: Database, task_ids: Sequence[str], *, source: FiredBy, due: DueScan | None = None
+) -> Expired:
     """PENDING -> EXPIRED for every listed task still pending, with one EXPIRED event each.
 
     One transaction for the whole batch: lock the pending rows, flip them, insert their events.
-    Tasks already EXPIRED or REMOVED (or unknown) are skipped silently. The caller publishes
-    the events (shared.callbacks.publish_events) after this returns.
+    Tasks already EXPIRED or REMOVED (or unknown) are skipped silently. With `due`, tasks
+    already due are fired too, except those another transaction holds (SKIP LOCKED): expiry
+    workers and the reconciler sweeping at once take different rows instead of queueing on the
+    same oldest ones. The caller publishes the events (shared.callbacks.publish_events) after
+    this returns.
     """
     unique = list(dict.fromkeys(task_ids))
-    if not unique:
+    if not unique and due is None:
         return Expired([], [])
     fired_at = utcnow()
-    rows, event_ids = await _expire_in_db(db, unique, fired_at, source)
+    rows, event_ids = await rerun_if_rolled_back(
+        lambda: _expire_transaction(db, unique, due, fired_at, source)
+    )
     for row in rows:
         lateness = (fired_at - row["expire_at"]).total_seconds()
         metrics.TASK_EXPIRY_LATENESS.labels(source).observe(max(0.0, lateness))
@@ -478,27 +493,34 @@ async def expire_tasks_in_db(db: Database, task_ids: Sequence[str], *, source: F
     return Expired([row["task_id"] for row in rows], event_ids)
 
 
-async def _expire_in_db(
-    db: Database, task_ids: list[str], fired_at: datetime, source: FiredBy
-) -> tuple[list[Row], list[str]]:
-    return await rerun_if_rolled_back(lambda: _expire_transaction(db, task_ids, fired_at, source))
+_EXPIRE_COLUMNS = "id, task_id, api_key_id, data, expire_at"
 
 
 async def _expire_transaction(
-    db: Database, task_ids: list[str], fired_at: datetime, source: FiredBy
+    db: Database, task_ids: list[str], due: DueScan | None, fired_at: datetime, source: FiredBy
 ) -> tuple[list[Row], list[str]]:
     async with db.transaction() as cur:
-        # FOR UPDATE: a concurrent remove, a duplicate timer in another worker, or the
-        # reconciler waits here and then finds the row no longer PENDING. FORCE INDEX: on a
-        # small or skewed table the optimizer may pick ix_tasks_due or a full scan, and a
-        # locking read would then lock every PENDING row, stalling adds and removes.
-        await cur.execute(
-            "SELECT id, task_id, api_key_id, data, expire_at FROM tasks"  # noqa: S608 - placeholders only
-            f" FORCE INDEX (uq_tasks_task) WHERE task_id IN ({_placeholders(len(task_ids))})"
-            " AND status = %s FOR UPDATE",
-            (*task_ids, PENDING),
-        )
-        rows: list[Row] = list(await cur.fetchall())
+        rows: list[Row] = []
+        if task_ids:
+            # FOR UPDATE: a concurrent remove, a duplicate timer in another worker, or the
+            # reconciler waits here and then finds the row no longer PENDING. FORCE INDEX: on
+            # a small or skewed table the optimizer may pick ix_tasks_due or a full scan, and a
+            # locking read would then lock every PENDING row, stalling adds and removes.
+            await cur.execute(
+                f"SELECT {_EXPIRE_COLUMNS} FROM tasks FORCE INDEX (uq_tasks_task)"  # noqa: S608 - placeholders only
+                f" WHERE task_id IN ({_placeholders(len(task_ids))}) AND status = %s FOR UPDATE",
+                (*task_ids, PENDING),
+            )
+            rows = list(await cur.fetchall())
+        if due is not None:
+            await cur.execute(
+                f"SELECT {_EXPIRE_COLUMNS} FROM tasks FORCE INDEX (ix_tasks_due)"  # noqa: S608 - constant
+                " WHERE status = %s AND expire_at < %s ORDER BY expire_at LIMIT %s"
+                " FOR UPDATE SKIP LOCKED",
+                (PENDING, due.before, due.limit),
+            )
+            mine = {row["id"] for row in rows}
+            rows += [row for row in await cur.fetchall() if row["id"] not in mine]
         if not rows:
             return [], []
         # These rows are locked and PENDING; update them by primary key.
@@ -513,13 +535,3 @@ async def _expire_transaction(
         ]
         event_ids = await record_events(cur, events)
     return rows, event_ids
-
-
-async def overdue_task_ids(db: Database, *, due_before: datetime, limit: int) -> list[str]:
-    """PENDING tasks due before `due_before`, oldest first (the reconciler's sweep)."""
-    rows = await db.fetchall(
-        "SELECT task_id FROM tasks WHERE status = %s AND expire_at < %s"
-        " ORDER BY expire_at LIMIT %s",
-        (PENDING, due_before, limit),
-    )
-    return [row["task_id"] for row in rows]
