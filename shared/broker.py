@@ -192,7 +192,7 @@ def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: ob
         del channel.message_id_delivery_tag[message_id]
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: per-broker state is keyed by it
 class Broker:
     """One robust connection; a confirming publish channel; consumers open their own channels."""
 

@@ -29,7 +29,7 @@ from schemas.tasks import TaskCallback, TaskEvent, TaskStatus
 from shared import metrics
 from shared.batching import Batcher
 from shared.broker import Broker, BrokerUnavailable
-from shared.callbacks import NewEvent, publish_events, record_events
+from shared.callbacks import NewEvent, publish_event, publish_events, record_events
 from shared.db import Database, DatabaseUnavailable, Row, rerun_if_rolled_back, utcnow
 from shared.idempotency import KEY_RULE, valid_key
 from shared.ids import new_record_id
@@ -307,7 +307,7 @@ async def add_task(
         return stored.added
     metrics.TASKS.labels("added").inc()
     await asyncio.gather(
-        _schedule(broker, task_id, epoch_ms(due)), publish_events(broker, [stored.event_id])
+        _schedule(broker, task_id, epoch_ms(due)), publish_event(broker, stored.event_id)
     )
     return stored.added
 

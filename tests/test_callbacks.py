@@ -29,8 +29,14 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from gateway.app_keys import BROKER, DB
 from schemas.messages import DeliverCallback, DeliverCallbacks
-from shared.broker import Broker
-from shared.callbacks import NewEvent, delivery_commands, publish_events, record_events
+from shared.broker import WORK_QUEUES, Broker, decode
+from shared.callbacks import (
+    NewEvent,
+    delivery_commands,
+    publish_event,
+    publish_events,
+    record_events,
+)
 from shared.db import Database
 from shared.settings import Settings
 from shared.signing import verify_callback_token
@@ -305,6 +311,28 @@ async def test_events_committed_together_travel_in_one_message_each_handled_alon
     assert [len(c.event_ids) for c in chunks if isinstance(c, DeliverCallbacks)] == [100, 100, 50]
     [single] = delivery_commands(["only"])
     assert single == (DeliverCallback(event_id="only"), "only")
+
+
+async def test_single_events_published_at_the_same_moment_share_a_message(
+    client: Client, make_key: Any, own_ctx: OwnCtx
+) -> None:
+    async with own_ctx() as ctx:  # no worker consumes this vhost's callbacks queue here
+        owner = await key_id(ctx.db, await make_key())
+        events = [await record(ctx.db, owner) for _ in range(20)]
+        await asyncio.gather(*(publish_event(ctx.broker, e) for e in events))
+        channel = await ctx.broker.connection.channel()
+        queue = await channel.get_queue(WORK_QUEUES["callbacks"], ensure=False)
+        carried: list[tuple[str, ...]] = []
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            command = decode(message)
+            if isinstance(command, DeliverCallbacks):
+                carried.append(command.event_ids)
+            elif isinstance(command, DeliverCallback):
+                carried.append((command.event_id,))
+        await channel.close()
+    ours = [ids for ids in carried if set(ids) & set(events)]
+    assert sorted(e for ids in ours for e in ids) == sorted(events)  # each exactly once
+    assert len(ours) < len(events)  # coalesced, not a message per event
 
 
 # --- retries (own workers with a short schedule) ----------------------------------------------
