@@ -620,6 +620,59 @@ async def test_reconciler_fires_a_task_whose_timer_was_never_published(
     }
 
 
+async def test_an_arriving_timer_also_fires_tasks_already_due_without_their_own(
+    client: Client, make_key: Any, settings: Settings
+) -> None:
+    """In a storm most timers are still in the cascade when their tasks are due: the first to
+    arrive fires the others (here: a row whose timer is missing), long before the sweep."""
+    key = await make_key()
+    db = db_of(client)
+    key_id = (await db.fetchone("SELECT id FROM api_keys WHERE api_name = %s", (key["api_name"],)))[
+        "id"
+    ]
+    waiting = new_record_id()
+    due = utcnow() - timedelta(seconds=1)  # due, but well within the sweep's grace
+    assert settings.TASK_SWEEP_GRACE_SECONDS >= 8
+    await db.execute(
+        "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"
+        " VALUES (%s, %s, %s, %s, %s)",
+        (waiting, key_id, "{}", tasks.to_db_time(due.replace(tzinfo=UTC)), due),
+    )
+    arriving = (await add(client, key, in_ms(-500)))["taskId"]  # its timer comes at once
+    await wait_status(db, arriving, "EXPIRED", timeout=5)
+    row = await wait_status(db, waiting, "EXPIRED", timeout=3)
+    assert row["fired_by"] == "timer"
+    assert row["expired_at"] >= row["expire_at"]  # never early
+    assert [e["event_type"] for e in await events(db, waiting)] == ["task.expired"]
+
+
+async def test_due_scans_skip_rows_another_transaction_holds(client: Client, make_key: Any) -> None:
+    """An expiry batch and the reconciler scanning at once take different rows: neither waits
+    on the other's locks (SKIP LOCKED); a held row is left to its holder."""
+    key = await make_key()
+    db = db_of(client)
+    key_id = (await db.fetchone("SELECT id FROM api_keys WHERE api_name = %s", (key["api_name"],)))[
+        "id"
+    ]
+    held = new_record_id()
+    due = utcnow() - timedelta(seconds=1)
+    await db.execute(
+        "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"
+        " VALUES (%s, %s, %s, %s, %s)",
+        (held, key_id, "{}", tasks.to_db_time(due.replace(tzinfo=UTC)), due),
+    )
+    scan = tasks.DueScan(before=utcnow(), limit=10_000)
+    async with db.transaction() as cur:
+        await cur.execute("SELECT id FROM tasks WHERE task_id = %s FOR UPDATE", (held,))
+        fired = await asyncio.wait_for(
+            tasks.expire_tasks_in_db(db, [], source="reconciler", due=scan), 5
+        )
+        assert held not in fired.task_ids
+    fired = await tasks.expire_tasks_in_db(db, [], source="reconciler", due=scan)
+    row = await wait_status(db, held, "EXPIRED", timeout=5)  # here, or by a timer's batch
+    assert held in fired.task_ids or row["fired_by"] == "timer"
+
+
 async def test_the_task_sweep_runs_on_its_own_shorter_interval(
     client: Client, settings: Settings
 ) -> None:
