@@ -128,9 +128,18 @@ class Database:
             yield cur
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiomysql.DictCursor]:
-        """A cursor inside one transaction, committed on success and rolled back on error."""
+    async def transaction(
+        self, *, read_committed: bool = False
+    ) -> AsyncIterator[aiomysql.DictCursor]:
+        """A cursor inside one transaction, committed on success and rolled back on error.
+
+        `read_committed`: this transaction only runs at READ COMMITTED, where locking reads lock
+        the rows they return and no gaps between them (see shared.tasks' due scans).
+        """
         async with self._connection() as conn:
+            if read_committed:
+                async with conn.cursor() as cur:
+                    await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             await conn.begin()
             try:
                 async with conn.cursor() as cur:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal, cast
 
+import aiomysql
 import pymysql
 import structlog
 
@@ -471,20 +472,24 @@ async def expire_tasks_in_db(
 ) -> Expired:
     """PENDING -> EXPIRED for every listed task still pending, with one EXPIRED event each.
 
-    One transaction for the whole batch: lock the pending rows, flip them, insert their events.
-    Tasks already EXPIRED or REMOVED (or unknown) are skipped silently. With `due`, tasks
-    already due are fired too, except those another transaction holds (SKIP LOCKED): expiry
-    workers and the reconciler sweeping at once take different rows instead of queueing on the
-    same oldest ones. The caller publishes the events (shared.callbacks.publish_events) after
-    this returns.
+    One transaction for the listed tasks: lock the pending rows, flip them, insert their
+    events. Tasks already EXPIRED or REMOVED (or unknown) are skipped silently. With `due`,
+    tasks already due are fired too, in a second transaction, except those another transaction
+    holds (SKIP LOCKED): expiry workers and the reconciler sweeping at once take different rows
+    instead of queueing on the same oldest ones. The caller publishes the events
+    (shared.callbacks.publish_events) after this returns.
     """
     unique = list(dict.fromkeys(task_ids))
-    if not unique and due is None:
-        return Expired([], [])
     fired_at = utcnow()
-    rows, event_ids = await rerun_if_rolled_back(
-        lambda: _expire_transaction(db, unique, due, fired_at, source)
-    )
+    rows: list[Row] = []
+    event_ids: list[str] = []
+    if unique:
+        rows, event_ids = await rerun_if_rolled_back(
+            lambda: _expire_listed(db, unique, fired_at, source)
+        )
+    if due is not None:
+        more, more_ids = await rerun_if_rolled_back(lambda: _expire_due(db, due, fired_at, source))
+        rows, event_ids = rows + more, event_ids + more_ids
     for row in rows:
         lateness = (fired_at - row["expire_at"]).total_seconds()
         metrics.TASK_EXPIRY_LATENESS.labels(source).observe(max(0.0, lateness))
@@ -496,42 +501,53 @@ async def expire_tasks_in_db(
 _EXPIRE_COLUMNS = "id, task_id, api_key_id, data, expire_at"
 
 
-async def _expire_transaction(
-    db: Database, task_ids: list[str], due: DueScan | None, fired_at: datetime, source: FiredBy
+async def _expire_listed(
+    db: Database, task_ids: list[str], fired_at: datetime, source: FiredBy
 ) -> tuple[list[Row], list[str]]:
     async with db.transaction() as cur:
-        rows: list[Row] = []
-        if task_ids:
-            # FOR UPDATE: a concurrent remove, a duplicate timer in another worker, or the
-            # reconciler waits here and then finds the row no longer PENDING. FORCE INDEX: on
-            # a small or skewed table the optimizer may pick ix_tasks_due or a full scan, and a
-            # locking read would then lock every PENDING row, stalling adds and removes.
-            await cur.execute(
-                f"SELECT {_EXPIRE_COLUMNS} FROM tasks FORCE INDEX (uq_tasks_task)"  # noqa: S608 - placeholders only
-                f" WHERE task_id IN ({_placeholders(len(task_ids))}) AND status = %s FOR UPDATE",
-                (*task_ids, PENDING),
-            )
-            rows = list(await cur.fetchall())
-        if due is not None:
-            await cur.execute(
-                f"SELECT {_EXPIRE_COLUMNS} FROM tasks FORCE INDEX (ix_tasks_due)"  # noqa: S608 - constant
-                " WHERE status = %s AND expire_at < %s ORDER BY expire_at LIMIT %s"
-                " FOR UPDATE SKIP LOCKED",
-                (PENDING, due.before, due.limit),
-            )
-            mine = {row["id"] for row in rows}
-            rows += [row for row in await cur.fetchall() if row["id"] not in mine]
-        if not rows:
-            return [], []
-        # These rows are locked and PENDING; update them by primary key.
+        # FOR UPDATE: a concurrent remove, a duplicate timer in another worker, or the
+        # reconciler waits here and then finds the row no longer PENDING. FORCE INDEX: on a
+        # small or skewed table the optimizer may pick ix_tasks_due or a full scan, and a
+        # locking read would then lock every PENDING row, stalling adds and removes.
         await cur.execute(
-            "UPDATE tasks SET status = %s, expired_at = %s, fired_by = %s"  # noqa: S608 - placeholders only
-            f" WHERE id IN ({_placeholders(len(rows))})",
-            (EXPIRED, fired_at, source, *(row["id"] for row in rows)),
+            f"SELECT {_EXPIRE_COLUMNS} FROM tasks FORCE INDEX (uq_tasks_task)"  # noqa: S608 - placeholders only
+            f" WHERE task_id IN ({_placeholders(len(task_ids))}) AND status = %s FOR UPDATE",
+            (*task_ids, PENDING),
         )
-        events = [
-            _event(r["api_key_id"], r["task_id"], r["expire_at"], "EXPIRED", json.loads(r["data"]))
-            for r in rows
-        ]
-        event_ids = await record_events(cur, events)
-    return rows, event_ids
+        return await _fire(cur, list(await cur.fetchall()), fired_at, source)
+
+
+async def _expire_due(
+    db: Database, due: DueScan, fired_at: datetime, source: FiredBy
+) -> tuple[list[Row], list[str]]:
+    # A transaction of its own, which never waits for a lock: SKIP LOCKED passes over an index
+    # entry whose row another transaction holds but keeps that entry locked, so a transaction
+    # that also waited for listed rows could deadlock with one that holds them (seen in the
+    # storm). READ COMMITTED: no gap locks either, where other batches' UPDATEs insert their
+    # rows' new (EXPIRED) index entries.
+    async with db.transaction(read_committed=True) as cur:
+        await cur.execute(
+            f"SELECT {_EXPIRE_COLUMNS} FROM tasks FORCE INDEX (ix_tasks_due)"  # noqa: S608 - constant
+            " WHERE status = %s AND expire_at < %s ORDER BY expire_at LIMIT %s"
+            " FOR UPDATE SKIP LOCKED",
+            (PENDING, due.before, due.limit),
+        )
+        return await _fire(cur, list(await cur.fetchall()), fired_at, source)
+
+
+async def _fire(
+    cur: aiomysql.Cursor, rows: list[Row], fired_at: datetime, source: FiredBy
+) -> tuple[list[Row], list[str]]:
+    """Flip locked PENDING rows to EXPIRED and record their EXPIRED events."""
+    if not rows:
+        return [], []
+    await cur.execute(
+        "UPDATE tasks SET status = %s, expired_at = %s, fired_by = %s"  # noqa: S608 - placeholders only
+        f" WHERE id IN ({_placeholders(len(rows))})",
+        (EXPIRED, fired_at, source, *(row["id"] for row in rows)),
+    )
+    events = [
+        _event(r["api_key_id"], r["task_id"], r["expire_at"], "EXPIRED", json.loads(r["data"]))
+        for r in rows
+    ]
+    return rows, await record_events(cur, events)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import secrets
 import subprocess
@@ -194,7 +195,9 @@ async def test_removed_task_records_remove_and_never_expires(client: Client, mak
 async def test_past_expiry_fires_at_once(client: Client, make_key: Any) -> None:
     key = await make_key()
     started = utcnow()
-    task_id = (await add(client, key, in_ms(-3_600_000)))["taskId"]
+    # 5 s ago: within the sweep's grace here (10 s), so only the timer path can fire it; a task
+    # due long ago may be fired by whichever of the two comes first.
+    task_id = (await add(client, key, in_ms(-5_000)))["taskId"]
     row = await wait_status(db_of(client), task_id, "EXPIRED", timeout=5)
     assert (row["expired_at"] - started).total_seconds() < 2
     assert row["fired_by"] == "timer"
@@ -671,6 +674,46 @@ async def test_due_scans_skip_rows_another_transaction_holds(client: Client, mak
     fired = await tasks.expire_tasks_in_db(db, [], source="reconciler", due=scan)
     row = await wait_status(db, held, "EXPIRED", timeout=5)  # here, or by a timer's batch
     assert held in fired.task_ids or row["fired_by"] == "timer"
+
+
+async def test_batches_and_due_scans_at_once_never_deadlock_and_fire_each_task_once(
+    client: Client, make_key: Any
+) -> None:
+    """A storm in miniature: batches for listed tasks and due scans race over the same rows
+    (several expiry workers and the reconciler). Each task fires once; no batch fails."""
+    key = await make_key()
+    db = db_of(client)
+    key_id = (await db.fetchone("SELECT id FROM api_keys WHERE api_name = %s", (key["api_name"],)))[
+        "id"
+    ]
+    ids = [new_record_id() for _ in range(1200)]
+    due = utcnow() - timedelta(seconds=1)
+    async with db.transaction() as cur:
+        await cur.executemany(
+            "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"
+            " VALUES (%s, %s, '{}', %s, %s)",
+            [(t, key_id, tasks.to_db_time(due.replace(tzinfo=UTC)), due) for t in ids],
+        )
+
+    async def batch(listed: list[str]) -> list[str]:
+        scan = tasks.DueScan(before=utcnow(), limit=50)
+        return (await tasks.expire_tasks_in_db(db, listed, source="timer", due=scan)).task_ids
+
+    shuffled = random.sample(ids, len(ids))
+    fired = await asyncio.gather(*(batch(shuffled[i : i + 40]) for i in range(0, 1200, 40)))
+    fired_here = [t for f in fired for t in f]
+    assert len(fired_here) == len(set(fired_here))  # never twice
+    marks = ", ".join(["%s"] * len(ids))
+    rows = await db.fetchall(
+        f"SELECT status, COUNT(*) AS n FROM tasks WHERE task_id IN ({marks}) GROUP BY status", ids
+    )
+    assert {r["status"]: r["n"] for r in rows} == {"EXPIRED": 1200}
+    counted = await db.fetchone(
+        f"SELECT COUNT(*) AS n FROM callback_events WHERE subject_id IN ({marks})"
+        " AND event_type = 'task.expired'",
+        ids,
+    )
+    assert counted is not None and counted["n"] == 1200  # one EXPIRED event each
 
 
 async def test_the_task_sweep_runs_on_its_own_shorter_interval(

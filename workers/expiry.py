@@ -7,7 +7,9 @@ batcher. The batcher collects ids for a few milliseconds and expires them in one
 that arrives more than one unit early (a delay longer than one pass of the cascade, or clock
 skew) is re-published for the rest, as a fresh message without `x-death`.
 
-The reconciler's sweep (`sweep_overdue_tasks`) fires tasks whose timer never came.
+A batch that fired tasks also starts a scan for other tasks already due (`_scan_due`): in a
+storm their timers are still in the cascade. The reconciler's sweep (`sweep_overdue_tasks`)
+fires tasks whose timer never came.
 """
 
 from __future__ import annotations
@@ -56,16 +58,21 @@ class ExpiryBatcher:
         self._publishing = asyncio.Semaphore(MAX_PUBLISHING_BATCHES)
         self._flushes: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._scan: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._collect(), name="expiry-batcher")
 
     async def close(self) -> None:
-        """Stop collecting; batches already being written finish first."""
+        """Stop collecting; batches already being written (and a due scan) finish first."""
+        self._stopping = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        if self._scan is not None:
+            await asyncio.gather(self._scan, return_exceptions=True)
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
 
@@ -100,33 +107,58 @@ class ExpiryBatcher:
             expired = await self._expire(batch)
         finally:
             self._slots.release()
-        if expired is None or not expired.event_ids:
+        if expired is None or not expired.task_ids:
             return
+        # Timers are firing tasks that were still pending: others due with them may still be
+        # queued in the cascade.
+        self._scan_due_soon()
         # The callbacks are published after the acks and outside the slot, so a slow broker
         # does not hold back the next batch; if this process dies first, the callback
         # reconciler publishes the committed events.
+        await self._publish(expired.event_ids)
+
+    async def _publish(self, event_ids: list[str]) -> None:
+        if not event_ids:
+            return
         try:
             async with self._publishing:
-                await publish_events(self._ctx.broker, expired.event_ids)
+                await publish_events(self._ctx.broker, event_ids)
         except Exception:
-            log.exception("expiry.callbacks_not_published", count=len(expired.event_ids))
+            log.exception("expiry.callbacks_not_published", count=len(event_ids))
 
-    async def _expire_with_due(self, task_ids: list[str]) -> tasks.Expired:
-        """Expire the batch's tasks and, with them, up to a batch of others already due.
+    def _scan_due_soon(self) -> None:
+        if not self._stopping and (self._scan is None or self._scan.done()):
+            self._scan = asyncio.create_task(self._scan_due(), name="expiry-due-scan")
+
+    async def _scan_due(self) -> None:
+        """Fire tasks already due whose timers have not come, a batch at a time while full.
 
         Timers due together leave the cascade spread over seconds (RabbitMQ dead-letters a few
-        hundred a second per level), but once one has arrived, every task due before now is
-        due: firing them here takes a storm at MySQL's pace, not the broker's. Their own timers
-        then find them EXPIRED.
+        hundred a second per level), but once one has fired its task, every task due before now
+        is due: firing them here takes a storm at MySQL's pace, not the broker's (never early).
+        Their own timers then find them EXPIRED. One scan at a time per worker; started only by
+        a batch that fired something, so timers of tasks already fired cost no scan.
         """
-        due = tasks.DueScan(before=utcnow(), limit=self._size)
-        return await tasks.expire_tasks_in_db(self._ctx.db, task_ids, source="timer", due=due)
+        while not self._stopping:
+            due = tasks.DueScan(before=utcnow(), limit=self._size)
+            try:
+                expired = await tasks.expire_tasks_in_db(self._ctx.db, [], source="timer", due=due)
+            except Exception as exc:  # the reconciler's sweep fires them instead
+                log.warning("expiry.due_scan_failed", error=str(exc))
+                return
+            publish = asyncio.create_task(self._publish(expired.event_ids))
+            self._flushes.add(publish)
+            publish.add_done_callback(self._flushes.discard)
+            if len(expired.task_ids) < self._size:
+                return
 
     async def _expire(self, batch: list[_Waiter]) -> tasks.Expired | None:
         """Commit the batch, then settle every waiter (so its message is acked or retried)."""
         started = time.perf_counter()
         try:
-            expired = await self._expire_with_due([task_id for task_id, _ in batch])
+            expired = await tasks.expire_tasks_in_db(
+                self._ctx.db, [task_id for task_id, _ in batch], source="timer"
+            )
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
