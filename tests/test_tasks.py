@@ -716,6 +716,25 @@ async def test_batches_and_due_scans_at_once_never_deadlock_and_fire_each_task_o
     assert counted is not None and counted["n"] == 1200  # one EXPIRED event each
 
 
+async def test_read_committed_applies_to_that_transaction_only(client: Client) -> None:
+    """The due scan's transaction runs at READ COMMITTED; the pool's others stay as they were."""
+    db = db_of(client)
+    await db.execute("CREATE TABLE isolation_probe (id INT PRIMARY KEY, v INT) ENGINE=InnoDB")
+    try:
+        await db.execute("INSERT INTO isolation_probe VALUES (1, 0)")
+        seen = {}
+        for read_committed in (True, False):
+            async with db.transaction(read_committed=read_committed) as cur:
+                await cur.execute("SELECT v FROM isolation_probe WHERE id = 1")
+                before = (await cur.fetchone())["v"]
+                await db.execute("UPDATE isolation_probe SET v = v + 1 WHERE id = 1")  # commits
+                await cur.execute("SELECT v FROM isolation_probe WHERE id = 1")
+                seen[read_committed] = (await cur.fetchone())["v"] != before
+        assert seen == {True: True, False: False}
+    finally:
+        await db.execute("DROP TABLE isolation_probe")
+
+
 async def test_the_task_sweep_runs_on_its_own_shorter_interval(
     client: Client, settings: Settings
 ) -> None:
