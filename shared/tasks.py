@@ -287,7 +287,10 @@ async def add_task(
     The answer does not depend on the publishes: once the row is committed the task is safe,
     and a timer that was not confirmed is covered by the reconciler.
     """
-    due = to_db_time(expire_at)
+    try:
+        due = to_db_time(expire_at)
+    except OverflowError:  # year 1 or 9999 with an offset: no such UTC time
+        raise ExpiryOutOfRange("expiryDate is outside the years a task can expire in") from None
     now = utcnow()
     check_expiry(due, now)
     data_json = encode_data(data, max_data_bytes)

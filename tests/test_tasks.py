@@ -271,6 +271,20 @@ async def test_validation_errors_have_the_error_shape(
             400,
             "EXPIRY_OUT_OF_RANGE",
         ),
+        (  # the edges of what Python can convert to UTC (found by the fuzzer: was a 500)
+            client.post(
+                url, json={"data": {}, "expiryDate": "0001-01-01T00:00:00+01:00"}, headers=h
+            ),
+            400,
+            "EXPIRY_OUT_OF_RANGE",
+        ),
+        (
+            client.post(
+                url, json={"data": {}, "expiryDate": "9999-12-31T23:59:59-05:00"}, headers=h
+            ),
+            400,
+            "EXPIRY_OUT_OF_RANGE",
+        ),
         (
             client.post(url, json={"data": {}, "expiryDate": soon, "extra": 1}, headers=h),
             422,
