@@ -452,10 +452,10 @@ async def test_worker_killed_before_the_send_slot_sends_later_exactly_once(
     """Emails still waiting for a slot were never stamped: after the lease they go out."""
     tmp = tmp_path_factory.mktemp("doomed")
     # One email goes out; the others wait seconds for their slots when the worker dies. Slots
-    # 4 s apart: noticing the first send and killing the worker took over 1.9 s on a loaded CI
-    # runner, by when a 1/s worker had stamped two more.
+    # 8 s apart: noticing the first send and killing the worker took over 1.9 s on a loaded CI
+    # runner, by when a 1/s worker had stamped two more (and 4 s apart flaked on a slow VM).
     batch = [new_email(i) for i in range(4)]
-    ids = await kill_after_first_call(stack, tmp, batch, AWS_SES_SEND_LIMIT_PER_SEC="0.25")
+    ids = await kill_after_first_call(stack, tmp, batch, AWS_SES_SEND_LIMIT_PER_SEC="0.125")
     marks = ", ".join(["%s"] * len(ids))
     waiting = await stack.db.fetchall(  # claimed and waiting for a slot, or not claimed yet
         "SELECT email_id FROM emails WHERE status IN ('QUEUED', 'PROCESSING')"
