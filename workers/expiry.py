@@ -139,6 +139,7 @@ class ExpiryBatcher:
         Their own timers then find them EXPIRED. One scan at a time per worker; started only by
         a batch that fired something, so timers of tasks already fired cost no scan.
         """
+        publishing: list[asyncio.Task[None]] = []
         while not self._stopping:
             due = tasks.DueScan(before=utcnow(), limit=self._size)
             try:
@@ -146,9 +147,16 @@ class ExpiryBatcher:
             except Exception as exc:  # the reconciler's sweep fires them instead
                 log.warning("expiry.due_scan_failed", error=str(exc))
                 return
+            # Batches' callbacks are published while the next batches are written, up to
+            # MAX_PUBLISHING_BATCHES behind: a slower broker then slows the scan instead of
+            # piling up publishes (the events are committed; nothing is lost either way).
+            publishing = [p for p in publishing if not p.done()]
+            if len(publishing) >= MAX_PUBLISHING_BATCHES:
+                await publishing.pop(0)
             publish = asyncio.create_task(self._publish(expired.event_ids))
             self._flushes.add(publish)
             publish.add_done_callback(self._flushes.discard)
+            publishing.append(publish)
             if len(expired.task_ids) < self._size:
                 return
 
