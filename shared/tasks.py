@@ -462,37 +462,38 @@ async def expire_tasks(
     return expired.task_ids
 
 
-@dataclass(frozen=True)
-class DueScan:
-    """Also fire up to `limit` other PENDING tasks due before `before` (oldest first)."""
-
-    before: datetime
-    limit: int
-
-
-async def expire_tasks_in_db(
-    db: Database, task_ids: Sequence[str], *, source: FiredBy, due: DueScan | None = None
-) -> Expired:
+async def expire_tasks_in_db(db: Database, task_ids: Sequence[str], *, source: FiredBy) -> Expired:
     """PENDING -> EXPIRED for every listed task still pending, with one EXPIRED event each.
 
-    One transaction for the listed tasks: lock the pending rows, flip them, insert their
-    events. Tasks already EXPIRED or REMOVED (or unknown) are skipped silently. With `due`,
-    tasks already due are fired too, in a second transaction, except those another transaction
-    holds (SKIP LOCKED): expiry workers and the reconciler sweeping at once take different rows
-    instead of queueing on the same oldest ones. The caller publishes the events
-    (shared.callbacks.publish_events) after this returns.
+    One transaction for the whole batch: lock the pending rows, flip them, insert their events.
+    Tasks already EXPIRED or REMOVED (or unknown) are skipped silently. The caller publishes
+    the events (shared.callbacks.publish_events) after this returns.
     """
     unique = list(dict.fromkeys(task_ids))
+    if not unique:
+        return Expired([], [])
     fired_at = utcnow()
-    rows: list[Row] = []
-    event_ids: list[str] = []
-    if unique:
-        rows, event_ids = await rerun_if_rolled_back(
-            lambda: _expire_listed(db, unique, fired_at, source)
-        )
-    if due is not None:
-        more, more_ids = await rerun_if_rolled_back(lambda: _expire_due(db, due, fired_at, source))
-        rows, event_ids = rows + more, event_ids + more_ids
+    rows, event_ids = await rerun_if_rolled_back(
+        lambda: _expire_listed(db, unique, fired_at, source)
+    )
+    return _expired(rows, event_ids, fired_at, source)
+
+
+async def expire_due_in_db(
+    db: Database, *, before: datetime, limit: int, source: FiredBy
+) -> Expired:
+    """Like `expire_tasks_in_db` for up to `limit` PENDING tasks due before `before`, oldest
+    first, except those another transaction holds (SKIP LOCKED): expiry workers and the
+    reconciler firing at once take different rows instead of queueing on the same oldest ones.
+    """
+    fired_at = utcnow()
+    rows, event_ids = await rerun_if_rolled_back(
+        lambda: _expire_due(db, before, limit, fired_at, source)
+    )
+    return _expired(rows, event_ids, fired_at, source)
+
+
+def _expired(rows: list[Row], event_ids: list[str], fired_at: datetime, source: FiredBy) -> Expired:
     for row in rows:
         lateness = (fired_at - row["expire_at"]).total_seconds()
         metrics.TASK_EXPIRY_LATENESS.labels(source).observe(max(0.0, lateness))
@@ -521,19 +522,19 @@ async def _expire_listed(
 
 
 async def _expire_due(
-    db: Database, due: DueScan, fired_at: datetime, source: FiredBy
+    db: Database, before: datetime, limit: int, fired_at: datetime, source: FiredBy
 ) -> tuple[list[Row], list[str]]:
-    # A transaction of its own, which never waits for a lock: SKIP LOCKED passes over an index
-    # entry whose row another transaction holds but keeps that entry locked, so a transaction
-    # that also waited for listed rows could deadlock with one that holds them (seen in the
-    # storm). READ COMMITTED: no gap locks either, where other batches' UPDATEs insert their
-    # rows' new (EXPIRED) index entries.
+    # Never in the same transaction as listed rows, and never waiting for a lock: SKIP LOCKED
+    # passes over an index entry whose row another transaction holds but keeps that entry
+    # locked, so a transaction that also waited for listed rows could deadlock with one that
+    # holds them (seen in the storm). READ COMMITTED: no gap locks either, where other
+    # batches' UPDATEs insert their rows' new (EXPIRED) index entries.
     async with db.transaction(read_committed=True) as cur:
         await cur.execute(
             f"SELECT {_EXPIRE_COLUMNS} FROM tasks FORCE INDEX (ix_tasks_due)"  # noqa: S608 - constant
             " WHERE status = %s AND expire_at < %s ORDER BY expire_at LIMIT %s"
             " FOR UPDATE SKIP LOCKED",
-            (PENDING, due.before, due.limit),
+            (PENDING, before, limit),
         )
         return await _fire(cur, list(await cur.fetchall()), fired_at, source)
 

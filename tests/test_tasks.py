@@ -678,14 +678,14 @@ async def test_due_scans_skip_rows_another_transaction_holds(client: Client, mak
         " VALUES (%s, %s, %s, %s, %s)",
         (held, key_id, "{}", tasks.to_db_time(due.replace(tzinfo=UTC)), due),
     )
-    scan = tasks.DueScan(before=utcnow(), limit=10_000)
+    before = utcnow()
     async with db.transaction() as cur:
         await cur.execute("SELECT id FROM tasks WHERE task_id = %s FOR UPDATE", (held,))
         fired = await asyncio.wait_for(
-            tasks.expire_tasks_in_db(db, [], source="reconciler", due=scan), 5
+            tasks.expire_due_in_db(db, before=before, limit=10_000, source="reconciler"), 5
         )
         assert held not in fired.task_ids
-    fired = await tasks.expire_tasks_in_db(db, [], source="reconciler", due=scan)
+    fired = await tasks.expire_due_in_db(db, before=before, limit=10_000, source="reconciler")
     row = await wait_status(db, held, "EXPIRED", timeout=5)  # here, or by a timer's batch
     assert held in fired.task_ids or row["fired_by"] == "timer"
 
@@ -710,8 +710,9 @@ async def test_batches_and_due_scans_at_once_never_deadlock_and_fire_each_task_o
         )
 
     async def batch(listed: list[str]) -> list[str]:
-        scan = tasks.DueScan(before=utcnow(), limit=50)
-        return (await tasks.expire_tasks_in_db(db, listed, source="timer", due=scan)).task_ids
+        by_timer = await tasks.expire_tasks_in_db(db, listed, source="timer")
+        by_scan = await tasks.expire_due_in_db(db, before=utcnow(), limit=50, source="timer")
+        return by_timer.task_ids + by_scan.task_ids
 
     shuffled = random.sample(ids, len(ids))
     fired = await asyncio.gather(*(batch(shuffled[i : i + 40]) for i in range(0, 1200, 40)))

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
+from collections.abc import Callable, Coroutine
 from datetime import timedelta
+from functools import partial
+from typing import Any
 
 import structlog
 
@@ -139,26 +143,17 @@ class ExpiryBatcher:
         Their own timers then find them EXPIRED. One scan at a time per worker; started only by
         a batch that fired something, so timers of tasks already fired cost no scan.
         """
-        publishing: list[asyncio.Task[None]] = []
-        while not self._stopping:
-            due = tasks.DueScan(before=utcnow(), limit=self._size)
-            try:
-                expired = await tasks.expire_tasks_in_db(self._ctx.db, [], source="timer", due=due)
-            except Exception as exc:  # the reconciler's sweep fires them instead
-                log.warning("expiry.due_scan_failed", error=str(exc))
-                return
-            # Batches' callbacks are published while the next batches are written, up to
-            # MAX_PUBLISHING_BATCHES behind: a slower broker then slows the scan instead of
-            # piling up publishes (the events are committed; nothing is lost either way).
-            publishing = [p for p in publishing if not p.done()]
-            if len(publishing) >= MAX_PUBLISHING_BATCHES:
-                await publishing.pop(0)
-            publish = asyncio.create_task(self._publish(expired.event_ids))
-            self._flushes.add(publish)
-            publish.add_done_callback(self._flushes.discard)
-            publishing.append(publish)
-            if len(expired.task_ids) < self._size:
-                return
+        try:
+            await fire_due_tasks(
+                self._ctx,
+                grace=timedelta(0),
+                source="timer",
+                batch=self._size,
+                publish=self._publish,
+                stopping=lambda: self._stopping,
+            )
+        except Exception as exc:  # the reconciler's sweep fires them instead
+            log.warning("expiry.due_scan_failed", error=str(exc))
 
     async def _expire(self, batch: list[_Waiter]) -> tasks.Expired | None:
         """Commit the batch, then settle every waiter (so its message is acked or retried)."""
@@ -238,18 +233,51 @@ class ExpiryWorker:
 
 async def sweep_overdue_tasks(ctx: Context) -> int:
     """Fire PENDING tasks overdue by more than TASK_SWEEP_GRACE_SECONDS (lost or late timers)."""
-    grace = timedelta(seconds=ctx.settings.TASK_SWEEP_GRACE_SECONDS)
+    return await fire_due_tasks(
+        ctx,
+        grace=timedelta(seconds=ctx.settings.TASK_SWEEP_GRACE_SECONDS),
+        source="reconciler",
+        batch=SWEEP_BATCH,
+        # publish_events never raises: what it cannot publish, the callbacks sweep re-publishes.
+        publish=partial(publish_events, ctx.broker),
+        max_batches=SWEEP_MAX_BATCHES,
+        max_behind=SWEEP_MAX_BATCHES,
+    )
+
+
+async def fire_due_tasks(
+    ctx: Context,
+    *,
+    grace: timedelta,
+    source: tasks.FiredBy,
+    batch: int,
+    publish: Callable[[list[str]], Coroutine[Any, Any, None]],
+    max_batches: int | None = None,
+    max_behind: int = MAX_PUBLISHING_BATCHES,
+    stopping: Callable[[], bool] = lambda: False,
+) -> int:
+    """Fire PENDING tasks due more than `grace` ago, `batch` at a time while batches come back
+    full (at most `max_batches`, until `stopping()`); returns how many fired.
+
+    Each batch's callbacks are published while the next batches are written, up to
+    `max_behind` batches behind: a slower broker then slows the firing instead of piling up
+    publishes (the events are committed; nothing is lost either way).
+    """
     fired = 0
-    # A batch's callbacks are published while the next batch is written (publish_events never
-    # raises: what it cannot publish, the callbacks sweep re-publishes).
     publishing: list[asyncio.Task[None]] = []
     try:
-        for _ in range(SWEEP_MAX_BATCHES):
-            due = tasks.DueScan(before=utcnow() - grace, limit=SWEEP_BATCH)
-            expired = await tasks.expire_tasks_in_db(ctx.db, [], source="reconciler", due=due)
+        for _ in range(max_batches) if max_batches is not None else itertools.count():
+            if stopping():
+                break
+            expired = await tasks.expire_due_in_db(
+                ctx.db, before=utcnow() - grace, limit=batch, source=source
+            )
             fired += len(expired.task_ids)
-            publishing.append(asyncio.create_task(publish_events(ctx.broker, expired.event_ids)))
-            if len(expired.task_ids) < SWEEP_BATCH:
+            publishing = [p for p in publishing if not p.done()]
+            if len(publishing) >= max_behind:
+                await publishing.pop(0)
+            publishing.append(asyncio.create_task(publish(expired.event_ids)))
+            if len(expired.task_ids) < batch:
                 break
     finally:
         await asyncio.gather(*publishing)
