@@ -5,11 +5,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from shared.settings import Settings
+
+T = TypeVar("T")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed (not on Windows): the gateway spends less CPU per request
+    in the loop itself (bench/RESULTS.md, sixth session)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        return runner.run(main)
 
 
 def _load_settings() -> Settings:
@@ -71,7 +89,7 @@ def _serve_http(
     from workers.registry import WORKERS
 
     if migrate:
-        asyncio.run(apply_migrations(settings))
+        _run(apply_migrations(settings))
     app = create_app(
         settings, setup_broker=setup_broker, workers=sorted(WORKERS) if with_workers else ()
     )
@@ -88,6 +106,7 @@ def _serve_http(
         shutdown_timeout=settings.SHUTDOWN_GRACE_SECONDS,
         keepalive_timeout=settings.HTTP_KEEPALIVE_SECONDS,
         print=None,
+        loop=_new_loop(),
     )
 
 
@@ -107,14 +126,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "worker":
         from workers.runner import serve_workers
 
-        asyncio.run(serve_workers(settings, args.names))
+        _run(serve_workers(settings, args.names))
     elif args.command == "migrate":
         from shared.migrate import migrate as apply_migrations
 
-        applied = asyncio.run(apply_migrations(settings))
+        applied = _run(apply_migrations(settings))
         print(
             f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "")
         )
     elif args.command == "setup-broker":
-        asyncio.run(_setup_broker(settings))
+        _run(_setup_broker(settings))
         print("broker topology declared")

@@ -54,6 +54,7 @@ import aiomysql
 import structlog
 
 from shared import metrics
+from shared.clock import sleep_until
 from shared.db import Database
 
 log = structlog.get_logger(__name__)
@@ -197,9 +198,7 @@ class Grant:
 
     async def wait(self) -> bool:
         """Sleep until the slot; False if it may not be used (too late, or void)."""
-        delay = self.due - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await sleep_until(self.due)
         return self.usable()
 
     def usable(self) -> bool:

@@ -28,6 +28,7 @@ import structlog
 from schemas.messages import Command, ExpireTask
 from shared import tasks
 from shared.callbacks import publish_events
+from shared.clock import sleep_until
 from shared.db import utcnow
 from shared.delay import remaining_ms
 from workers.consumer import QueueConsumer, Reject
@@ -217,9 +218,8 @@ class ExpiryWorker:
         if left > self._unit_ms:
             await self._republish(command)
             return
-        if left > 0:
-            # Less than one unit (a second by default): far below the broker's consumer timeout.
-            await asyncio.sleep(left / 1000)
+        # Less than one unit (a second by default): far below the broker's consumer timeout.
+        await sleep_until(command.due_at_ms / 1000, time.time)
         fired = await self._batcher.expire(command.task_id)
         log.debug("task.timer", task_id=command.task_id, fired=fired)
 
