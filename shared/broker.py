@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -51,6 +51,10 @@ DELIVERY_LIMIT = 20
 SCHEMA_HEADER = "schema-version"
 # Publishes written to the socket together, at most (bodies are ids: a few kB all told).
 PUBLISH_BATCH_LIMIT = 256
+# Detached publishing runs in flight at once, at most (see Broker.detach); a few MB at most.
+DETACHED_LIMIT = 5_000
+# How long closing waits for detached publishes to be confirmed.
+CLOSE_GRACE_S = 10.0
 
 
 class BrokerUnavailable(Exception):
@@ -200,6 +204,7 @@ class Broker:
     channel: AbstractChannel
     cascade: Cascade
     _outbox: Batcher[Publish, asyncio.Future[Any]] = field(init=False)
+    _detached: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self._outbox = Batcher(self._write, limit=PUBLISH_BATCH_LIMIT)
@@ -213,8 +218,32 @@ class Broker:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return cls(connection, channel, cascade_for(settings))
 
-    async def close(self) -> None:
+    async def close(self, grace: float = CLOSE_GRACE_S) -> None:
+        """Close after the detached publishes have been confirmed (or `grace` has passed)."""
+        if self._detached:
+            await asyncio.wait(self._detached, timeout=grace)
         await self.connection.close()
+
+    async def detach(self, publishing: Coroutine[Any, Any, None]) -> None:
+        """Run `publishing` without waiting for its confirms, unless DETACHED_LIMIT are already
+        in flight: then wait for it, so a slow broker slows callers instead of piling up work.
+
+        For publishes of committed rows that leave a failure to the reconciler anyway (a task's
+        timer and ADD event): the caller answers once its row is safe, a confirm round trip
+        sooner. A crash before the publish costs what a lost publish costs (the reconciler
+        sends it late); closing waits for them.
+        """
+        if len(self._detached) >= DETACHED_LIMIT:
+            await publishing
+            return
+        task = asyncio.create_task(publishing)
+        self._detached.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._detached.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("publish.detached_failed", exc_info=error)
 
     async def setup(self) -> None:
         await declare_topology(self.channel, self.cascade)

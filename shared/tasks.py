@@ -282,10 +282,10 @@ async def add_task(
     max_data_bytes: int,
     idempotency_key: str | None = None,
 ) -> Added:
-    """Store a task with its ADD event, then publish its timer and the event (concurrently).
+    """Store a task with its ADD event, then publish its timer and the event (detached).
 
-    The answer does not depend on the publishes: once the row is committed the task is safe,
-    and a timer that was not confirmed is covered by the reconciler.
+    The answer waits for the commit only: once the row is committed the task is safe, and a
+    timer or event that was not confirmed is covered by the reconciler.
     """
     try:
         due = to_db_time(expire_at)
@@ -310,10 +310,12 @@ async def add_task(
     if stored.event_id is None:
         return stored.added
     metrics.TASKS.labels("added").inc()
-    await asyncio.gather(
-        _schedule(broker, task_id, epoch_ms(due)), publish_event(broker, stored.event_id)
-    )
+    await broker.detach(_publish_added(broker, task_id, epoch_ms(due), stored.event_id))
     return stored.added
+
+
+async def _publish_added(broker: Broker, task_id: str, due_at_ms: int, event_id: str) -> None:
+    await asyncio.gather(_schedule(broker, task_id, due_at_ms), publish_event(broker, event_id))
 
 
 async def _store(db: Database, batch: list[_NewTask]) -> list[_Stored | BaseException]:

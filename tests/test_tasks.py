@@ -35,7 +35,7 @@ from gateway.app_keys import BROKER, DB
 from schemas.messages import ExpireTask
 from shared import tasks
 from shared.batching import Batcher
-from shared.broker import Publish, write_confirmed
+from shared.broker import Broker, Publish, write_confirmed
 from shared.db import Database, utcnow
 from shared.ids import new_record_id
 from shared.settings import Settings
@@ -542,6 +542,53 @@ async def test_batcher_groups_what_arrives_during_a_flush_and_fails_items_alone(
     failing: Batcher[int, int] = Batcher(broken, limit=10)
     outcomes = await asyncio.gather(*(failing.submit(i) for i in range(3)), return_exceptions=True)
     assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+async def test_closing_the_broker_waits_for_its_detached_publishes(
+    migrated: Settings, amqp_url: str
+) -> None:
+    """A task's timer and ADD event are published detached (its answer waits for the commit
+    only): closing at shutdown must let them be confirmed rather than cut them off."""
+    observer = await aio_pika.connect(amqp_url)
+    try:
+        channel = await observer.channel()
+        queue = await channel.declare_queue(f"detached-{secrets.token_hex(4)}", auto_delete=False)
+        broker = await Broker.connect(migrated)
+
+        async def publish_soon(n: int) -> None:
+            await asyncio.sleep(0.3)  # still waiting when close() is called
+            message = aio_pika.Message(str(n).encode(), delivery_mode=2)
+            await broker.channel.default_exchange.publish(message, routing_key=queue.name)
+
+        for n in range(5):
+            await broker.detach(publish_soon(n))
+        await broker.close()
+        await asyncio.sleep(0.2)
+        declared = await channel.declare_queue(queue.name, passive=True)
+        assert declared.declaration_result.message_count == 5
+        await queue.delete(if_unused=False, if_empty=False)
+    finally:
+        await observer.close()
+
+
+async def test_detached_publishes_beyond_the_limit_make_the_caller_wait(
+    migrated: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that confirms slowly slows the adds down instead of piling up publishes."""
+    monkeypatch.setattr("shared.broker.DETACHED_LIMIT", 2)
+    broker = await Broker.connect(migrated)
+    release = asyncio.Event()
+    try:
+        await asyncio.wait_for(broker.detach(release.wait()), 1)
+        await asyncio.wait_for(broker.detach(release.wait()), 1)
+        third = asyncio.create_task(broker.detach(release.wait()))
+        await asyncio.sleep(0.2)
+        assert not third.done()
+        release.set()
+        await asyncio.wait_for(third, 1)
+    finally:
+        release.set()
+        await broker.close()
 
 
 async def test_publishes_written_together_are_confirmed_one_by_one(amqp_url: str) -> None:
