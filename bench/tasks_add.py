@@ -152,6 +152,7 @@ async def load(url: str, headers: dict[str, str], args: argparse.Namespace) -> i
     ).encode()
     headers = {**headers, "Content-Type": "application/json"}
     latencies: list[float] = []
+    slowest: dict[int, float] = {}  # per second of the measurement: a stall shows as one peak
     statuses: dict[int, int] = {}
     answered = 0
     opened: list[asyncio.StreamWriter] = []
@@ -163,7 +164,10 @@ async def load(url: str, headers: dict[str, str], args: argparse.Namespace) -> i
             status = await post()
             answered += 1
             if started >= measure_from:
-                latencies.append(time.perf_counter() - started)
+                latency = time.perf_counter() - started
+                latencies.append(latency)
+                second = int(started - measure_from)
+                slowest[second] = max(slowest.get(second, 0.0), latency)
                 statuses[status] = statuses.get(status, 0) + 1
 
     async with http_session(limit=args.concurrency) as session:
@@ -188,6 +192,10 @@ async def load(url: str, headers: dict[str, str], args: argparse.Namespace) -> i
         f" p90 {percentile(latencies, 90) * 1000:.1f} ms,"
         f" p99 {percentile(latencies, 99) * 1000:.1f} ms,"
         f" max {max(latencies, default=0) * 1000:.1f} ms"
+    )
+    print(
+        "  slowest answer in each second (ms): "
+        + " ".join(f"{slowest[s] * 1000:.0f}" for s in sorted(slowest))
     )
     print(
         f"  load generator CPU: {cpu:.1f} s over {time.perf_counter() - begin:.1f} s"
