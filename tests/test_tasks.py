@@ -8,25 +8,29 @@ in a vhost of their own, so every level, the maximum and a delay beyond one pass
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
 import secrets
+import signal
 import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiohttp
 import aiormq
 import pamqp.commands
 import pymysql
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AMQP_BASE
+from conftest import AMQP_BASE, db_rows, run_command, start_service
 from pydantic import SecretStr
 from receiver import Receiver
 
@@ -569,6 +573,75 @@ async def test_closing_the_broker_waits_for_its_detached_publishes(
         await queue.delete(if_unused=False, if_empty=False)
     finally:
         await observer.close()
+
+
+async def test_a_stopping_gateway_publishes_every_answered_add_before_it_exits(
+    base_env: dict[str, str], settings: Settings, make_key: Any, tmp_path: Path
+) -> None:
+    """SIGTERM while adds are in flight: once the process has exited, every add it answered
+    has its timer and its ADD event in the broker (nothing else runs on its vhost)."""
+    vhost = f"drain_{secrets.token_hex(4)}"
+    await run_command("rabbitmqctl", "-q", "add_vhost", vhost)
+    await run_command(
+        "rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"
+    )
+    url = f"{AMQP_BASE}/{vhost}"
+    try:
+        gateway = start_service({**base_env, "RABBITMQ_URL": url}, "gateway", cwd=str(tmp_path))
+        key = await make_key()
+        body = {"data": {"drain": True}, "expiryDate": iso(in_ms(3_600_000))}
+        answered: list[str] = []
+        async with aiohttp.ClientSession() as session:
+
+            async def add_one() -> None:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.post(
+                        gateway.url + "/server/queue/add", json=body, headers=key["headers"]
+                    ) as resp:
+                        if resp.status == 200:
+                            answered.append((await resp.json())["taskId"])
+
+            adds = [asyncio.create_task(add_one()) for _ in range(400)]
+            await wait_until(lambda: _true(len(answered) >= 20), 30, "the first answers")
+            gateway.proc.send_signal(signal.SIGTERM)  # with most adds still in flight
+            await asyncio.gather(*adds)
+        assert await asyncio.to_thread(gateway.proc.wait, 60) == 0
+        assert len(answered) >= 20
+
+        timers: set[str] = set()
+        events: set[str] = set()
+        connection = await aio_pika.connect(url)
+        try:
+            channel = await connection.channel()
+            names = [f"qs.delay.{level:02d}" for level in range(28)] + ["qs.callbacks"]
+            for name in names:
+                queue = await channel.declare_queue(name, passive=True)
+                while (message := await queue.get(no_ack=True, fail=False)) is not None:
+                    payload = json.loads(message.body)
+                    if message.type == ExpireTask.TYPE:
+                        timers.add(payload["task_id"])
+                    else:
+                        events.update(payload.get("event_ids") or [payload["event_id"]])
+        finally:
+            await connection.close()
+        added_events = {
+            row["event_id"]
+            for row in db_rows(
+                settings,
+                "SELECT event_id FROM callback_events WHERE event_type = 'task.added'"
+                f" AND subject_id IN ({', '.join(['%s'] * len(answered))})",
+                answered,
+            )
+        }
+        assert len(added_events) == len(answered)
+        assert set(answered) <= timers
+        assert added_events <= events
+    finally:
+        await run_command("rabbitmqctl", "-q", "delete_vhost", vhost)
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_detached_publishes_beyond_the_limit_make_the_caller_wait(
