@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import time
@@ -17,6 +18,7 @@ from shared.clock import sleep_until
 from shared.durations import DurationError, expiry_after
 from shared.logs import _redact
 from shared.settings import Settings
+from workers.consumer import Acks
 
 START = datetime(2024, 1, 31, 12, 0, 0)
 
@@ -131,3 +133,81 @@ def test_sleep_until_never_wakes_before_the_moment_on_uvloop(clock: Callable[[],
         return early
 
     assert uvloop.run(early_wakes()) == 0
+
+
+class _Broker:
+    """RabbitMQ's rules for acks on one channel, to check what Acks sends against."""
+
+    def __init__(self) -> None:
+        self.unacked: set[int] = set()
+        self.frames: list[tuple[int, bool]] = []
+
+    def ack(self, tag: int, multiple: bool) -> None:
+        assert tag in self.unacked, f"unknown delivery tag {tag}: the channel would be closed"
+        self.frames.append((tag, multiple))
+        self.unacked -= {t for t in self.unacked if t <= tag} if multiple else {tag}
+
+
+class _Message:
+    def __init__(self, broker: _Broker, channel: object, tag: int) -> None:
+        self.broker, self.channel, self.delivery_tag = broker, channel, tag
+        broker.unacked.add(tag)
+
+    async def ack(self, multiple: bool = False) -> None:
+        self.broker.ack(self.delivery_tag, multiple)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_coalesced_acks_settle_each_message_once_and_never_one_in_flight(seed: int) -> None:
+    """Handlers finish in any order, some messages are rejected (settled on their own): every
+    acked message is acked once, a message still in flight never is, and messages finished
+    together at the front share one frame."""
+    rng = random.Random(seed)
+
+    async def scenario() -> None:
+        broker, channel, acks = _Broker(), object(), Acks()
+        messages = [_Message(broker, channel, tag) for tag in range(1, 201)]
+        for message in messages:
+            acks.delivered(message)  # type: ignore[arg-type]
+        pending = messages[:]
+        rng.shuffle(pending)
+        rejected: set[int] = set()
+        while pending:
+            count = rng.randint(1, 30)
+            finished, pending = pending[:count], pending[count:]
+            for message in finished:
+                if rng.random() < 0.05:
+                    broker.unacked.discard(message.delivery_tag)  # basic.reject, sent at once
+                    rejected.add(message.delivery_tag)
+                    acks.settled_alone(message)  # type: ignore[arg-type]
+                else:
+                    acks.ack(message)  # type: ignore[arg-type]
+            still = {m.delivery_tag for m in pending}
+            await asyncio.sleep(0)
+            await acks.close()
+            assert still <= broker.unacked  # nothing in flight was acked
+            assert broker.unacked == still  # everything finished is settled
+        assert len(broker.frames) < 200 - len(rejected)
+
+    asyncio.run(scenario())
+
+
+def test_coalesced_acks_share_one_frame_when_the_front_finishes_together() -> None:
+    async def scenario() -> _Broker:
+        broker, channel, acks = _Broker(), object(), Acks()
+        messages = [_Message(broker, channel, tag) for tag in range(1, 11)]
+        for message in messages:
+            acks.delivered(message)  # type: ignore[arg-type]
+        for message in messages[1:6]:  # 2..6 finish while 1 is in flight: alone
+            acks.ack(message)  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        await acks.close()
+        for message in [messages[0], *messages[6:]]:  # then 1 and 7..10 together: one frame
+            acks.ack(message)  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        await acks.close()
+        return broker
+
+    broker = asyncio.run(scenario())
+    assert broker.frames == [(2, False), (3, False), (4, False), (5, False), (6, False), (10, True)]
+    assert not broker.unacked
