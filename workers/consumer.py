@@ -65,7 +65,7 @@ class Acks:
     are acked alone at once, as before (holding them would shrink the prefetch window while a
     slow message sits at the front).
 
-    On a quorum queue each ack frame costs RabbitMQ ~85 µs of CPU, and an expiry storm acks
+    On a quorum queue each ack frame costs RabbitMQ ~75 µs of CPU, and an expiry storm acks
     20,000 timers (bench/RESULTS.md, sixth session). Delivery tags count 1, 2, 3… on each
     channel, so the done messages form a prefix that one frame settles. That frame must name a
     tag still unacked (RabbitMQ closes the channel otherwise) and never reach past a tag still
