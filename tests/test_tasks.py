@@ -601,8 +601,11 @@ async def test_a_stopping_gateway_publishes_every_answered_add_before_it_exits(
                         if resp.status == 200:
                             answered.append((await resp.json())["taskId"])
 
+            async def first_answers() -> bool:
+                return len(answered) >= 20
+
             adds = [asyncio.create_task(add_one()) for _ in range(400)]
-            await wait_until(lambda: _true(len(answered) >= 20), 30, "the first answers")
+            await wait_until(first_answers, 30, "the first answers")
             gateway.proc.send_signal(signal.SIGTERM)  # with most adds still in flight
             await asyncio.gather(*adds)
         assert await asyncio.to_thread(gateway.proc.wait, 60) == 0
@@ -638,10 +641,6 @@ async def test_a_stopping_gateway_publishes_every_answered_add_before_it_exits(
         assert added_events <= events
     finally:
         await run_command("rabbitmqctl", "-q", "delete_vhost", vhost)
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_detached_publishes_beyond_the_limit_make_the_caller_wait(
