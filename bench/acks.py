@@ -18,7 +18,7 @@ import time
 
 import aio_pika
 from measure import cpu_seconds, pids_of
-from tasks_common import AMQP_BASE, rabbitmqctl
+from tasks_common import scratch_vhost
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,21 +78,16 @@ async def consume(url: str, count: int, batch: int | None) -> tuple[float, float
 
 async def main() -> None:
     args = parse_args()
-    vhost = f"qs_bench_acks_{secrets.token_hex(3)}"
-    rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    try:
+    with scratch_vhost(f"qs_bench_acks_{secrets.token_hex(3)}") as url:
         for _ in range(args.rounds):
             for batch in (None, args.batch):
-                seconds, broker, own = await consume(f"{AMQP_BASE}/{vhost}", args.messages, batch)
+                seconds, broker, own = await consume(url, args.messages, batch)
                 arm = "one ack per message" if batch is None else f"one ack per {batch}"
                 print(
                     f"{arm:>22}: {args.messages} messages in {seconds:.2f} s; RabbitMQ"
                     f" {broker:.2f} CPU-s ({broker / args.messages * 1e6:.0f} µs a message),"
                     f" consumer {own:.2f} CPU-s"
                 )
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ import json
 import os
 import secrets
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,16 +39,14 @@ from measure import cpu_seconds, percentile
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tasks_common import AMQP_BASE, EXE, MYSQL, free_port, scratch_vhost  # noqa: E402
+
 from shared import apikeys  # noqa: E402
 from shared.broker import Broker  # noqa: E402
 from shared.callbacks import NewEvent, publish_events, record_events  # noqa: E402
 from shared.db import Database  # noqa: E402
 from shared.migrate import migrate  # noqa: E402
 from shared.settings import Settings  # noqa: E402
-
-EXE = str(Path(sys.executable).parent / "queue-server")
-MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
-AMQP_BASE = os.environ.get("BENCH_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
 
 
 def parse_args() -> argparse.Namespace:
@@ -94,16 +90,6 @@ def serve_receiver(port: int) -> None:
 
 
 # --- the stack -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 def bench_env(name: str, args: argparse.Namespace) -> dict[str, str]:
@@ -274,12 +260,10 @@ def main() -> None:
         return
     name = f"qs_bench_cb_{secrets.token_hex(4)}"
     env = bench_env(name, args)
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     try:
-        asyncio.run(run(args, env))
+        with scratch_vhost(name):
+            asyncio.run(run(args, env))
     finally:
-        rabbitmqctl("delete_vhost", name)
         conn = pymysql.connect(**MYSQL)  # type: ignore[arg-type]
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")

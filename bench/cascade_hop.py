@@ -20,7 +20,7 @@ from typing import Any
 
 import aio_pika
 from measure import cpu_seconds, pids_of
-from tasks_common import AMQP_BASE, rabbitmqctl
+from tasks_common import scratch_vhost
 
 TTL_MS = 3_000
 
@@ -68,13 +68,8 @@ async def main() -> None:
     args = parse_args()
     for _ in range(args.rounds):
         for strategy in ("at-least-once", "at-most-once"):
-            vhost = f"qs_bench_hop_{secrets.token_hex(3)}"
-            rabbitmqctl("add_vhost", vhost)
-            rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-            try:
-                seconds, broker = await hop(f"{AMQP_BASE}/{vhost}", args.messages, strategy)
-            finally:
-                rabbitmqctl("delete_vhost", vhost)
+            with scratch_vhost(f"qs_bench_hop_{secrets.token_hex(3)}") as url:
+                seconds, broker = await hop(url, args.messages, strategy)
             print(
                 f"{strategy:>13}: {args.messages} messages through one level, last one"
                 f" {seconds:.2f} s after publishing ended (TTL {TTL_MS / 1000:.0f} s); RabbitMQ"

@@ -149,6 +149,18 @@ def _wait_healthy(service: Service, url: str) -> None:
 
 
 @contextmanager
+def scratch_vhost(name: str) -> Iterator[str]:
+    """A RabbitMQ vhost of the bench's own (guest has every right on it); deleted at the end.
+    Yields its AMQP URL."""
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"{AMQP_BASE}/{name}"
+    finally:
+        rabbitmqctl("delete_vhost", name)
+
+
+@contextmanager
 def stack(name: str, **settings: str) -> Iterator[Stack]:
     """Create a database and vhost, migrate, yield; then stop everything and remove both."""
     run_id = f"qs_bench_{name}_{secrets.token_hex(3)}"
@@ -167,34 +179,32 @@ def stack(name: str, **settings: str) -> Iterator[Stack]:
         "LOG_FORMAT": "json",
         **settings,
     }
-    rabbitmqctl("add_vhost", run_id)
-    rabbitmqctl("set_permissions", "-p", run_id, "guest", ".*", ".*", ".*")
     bench = Stack(run_id, env, workdir)
-    try:
-        subprocess.run(
-            [EXE, "migrate"],
-            env={**os.environ, **env},
-            cwd=workdir,
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            [EXE, "setup-broker"],
-            env={**os.environ, **env},
-            cwd=workdir,
-            check=True,
-            capture_output=True,
-        )
-        yield bench
-    finally:
-        for service in reversed(bench.services):
-            service.stop()
-        rabbitmqctl("delete_vhost", run_id)
-        conn = pymysql.connect(**MYSQL)  # type: ignore[arg-type]
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{run_id}`")
-        conn.close()
-        print(f"(service logs kept in {workdir})")
+    with scratch_vhost(run_id):
+        try:
+            subprocess.run(
+                [EXE, "migrate"],
+                env={**os.environ, **env},
+                cwd=workdir,
+                check=True,
+                capture_output=True,
+            )
+            subprocess.run(
+                [EXE, "setup-broker"],
+                env={**os.environ, **env},
+                cwd=workdir,
+                check=True,
+                capture_output=True,
+            )
+            yield bench
+        finally:
+            for service in reversed(bench.services):
+                service.stop()
+            conn = pymysql.connect(**MYSQL)  # type: ignore[arg-type]
+            with conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS `{run_id}`")
+            conn.close()
+            print(f"(service logs kept in {workdir})")
 
 
 async def create_key(

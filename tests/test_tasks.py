@@ -30,7 +30,7 @@ import pymysql
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AMQP_BASE, db_rows, run_command, start_service
+from conftest import AMQP_BASE, db_rows, start_service
 from pydantic import SecretStr
 from receiver import Receiver
 
@@ -581,10 +581,8 @@ async def test_a_stopping_gateway_publishes_every_answered_add_before_it_exits(
     """SIGTERM while adds are in flight: once the process has exited, every add it answered
     has its timer and its ADD event in the broker (nothing else runs on its vhost)."""
     vhost = f"drain_{secrets.token_hex(4)}"
-    await run_command("rabbitmqctl", "-q", "add_vhost", vhost)
-    await run_command(
-        "rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"
-    )
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     url = f"{AMQP_BASE}/{vhost}"
     try:
         gateway = start_service({**base_env, "RABBITMQ_URL": url}, "gateway", cwd=str(tmp_path))
@@ -640,7 +638,7 @@ async def test_a_stopping_gateway_publishes_every_answered_add_before_it_exits(
         assert set(answered) <= timers
         assert added_events <= events
     finally:
-        await run_command("rabbitmqctl", "-q", "delete_vhost", vhost)
+        rabbitmqctl("delete_vhost", vhost)
 
 
 async def test_detached_publishes_beyond_the_limit_make_the_caller_wait(
