@@ -182,20 +182,14 @@ def stack(name: str, **settings: str) -> Iterator[Stack]:
     bench = Stack(run_id, env, workdir)
     with scratch_vhost(run_id):
         try:
-            subprocess.run(
-                [EXE, "migrate"],
-                env={**os.environ, **env},
-                cwd=workdir,
-                check=True,
-                capture_output=True,
-            )
-            subprocess.run(
-                [EXE, "setup-broker"],
-                env={**os.environ, **env},
-                cwd=workdir,
-                check=True,
-                capture_output=True,
-            )
+            for command in ("migrate", "setup-broker"):
+                subprocess.run(
+                    [EXE, command],
+                    env={**os.environ, **env},
+                    cwd=workdir,
+                    check=True,
+                    capture_output=True,
+                )
             yield bench
         finally:
             for service in reversed(bench.services):
