@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +49,9 @@ class CpuMeter:
         self._start: dict[str, float] = {}
         self._wall = 0.0
         self._busy = 0.0
+        self._samples: list[dict[str, float]] = []
+        self._sampling = threading.Event()
+        self._sampler: threading.Thread | None = None
 
     @staticmethod
     def _machine_busy() -> float:
@@ -60,6 +64,33 @@ class CpuMeter:
         self._wall = time.monotonic()
         self._start = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
         self._busy = self._machine_busy()
+
+    def sample_every_second(self) -> None:
+        """Also record each process's CPU per second (a thread reading /proc), for timeline()."""
+        self._sampling.clear()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        last = self._now()
+        while not self._sampling.wait(1.0):
+            now = self._now()
+            self._samples.append({name: now[name] - last[name] for name in now})
+            last = now
+
+    def _now(self) -> dict[str, float]:
+        now = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
+        return now | {"machine": self._machine_busy()}
+
+    def timeline(self) -> str:
+        """One line per second sampled: % of one core per process, and the whole machine's."""
+        self._sampling.set()
+        if self._sampler is not None:
+            self._sampler.join()
+        return "\n".join(
+            f"{second:>3}: " + " ".join(f"{name} {used * 100:.0f}" for name, used in sample.items())
+            for second, sample in enumerate(self._samples)
+        )
 
     def report(self) -> str:
         wall = time.monotonic() - self._wall

@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import random
+import textwrap
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -137,6 +138,7 @@ async def main() -> None:
             meter = CpuMeter({n: s.proc.pid for n, s in workers.items()} | {"bench": os.getpid()})
             await asyncio.sleep(max(0.0, second - time.time() - 1))
             meter.start()
+            meter.sample_every_second()
             await recv.wait_for("EXPIRED", args.tasks, within=60, unique=True)
             print(f"  {meter.report()} (from 1 s before the storm until the last callback)")
             await asyncio.sleep(2)  # late duplicates, if any
@@ -160,6 +162,8 @@ async def main() -> None:
         )
         print("  per second after the due second began: fired (timer/reconciler), received")
         print("    " + timeline(second, rows, receipts=[a.at for a in expired]))
+        print("  CPU per second from 1 s before the due second (% of one core):")
+        print(textwrap.indent(meter.timeline(), "    "))
         print("  worker RSS: " + ", ".join(f"{n} {mb:.0f} MB" for n, mb in rss.items()))
 
 

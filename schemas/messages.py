@@ -32,6 +32,24 @@ class ExpireTask(Command):
     due_at_ms: int
 
 
+class Timer(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    task_id: str
+    due_at_ms: int
+
+
+class ExpireTasks(Command):
+    """Timers published together that leave the cascade in the same unit (the adds of one
+    commit, due in the same second): one message for all, each task fired at its own time."""
+
+    TYPE: ClassVar[str] = "task.expire_many"
+    DESTINATION: ClassVar[str] = "expiry"
+    MAX_TIMERS: ClassVar[int] = 500
+
+    timers: tuple[Timer, ...] = Field(min_length=1, max_length=MAX_TIMERS)
+
+
 class DeliverCallback(Command):
     TYPE: ClassVar[str] = "callback.deliver"
     DESTINATION: ClassVar[str] = "callbacks"
@@ -70,5 +88,13 @@ class ProcessSesEvent(Command):
 
 
 COMMANDS: dict[str, type[Command]] = {
-    c.TYPE: c for c in (ExpireTask, DeliverCallback, DeliverCallbacks, SendEmail, ProcessSesEvent)
+    c.TYPE: c
+    for c in (
+        ExpireTask,
+        ExpireTasks,
+        DeliverCallback,
+        DeliverCallbacks,
+        SendEmail,
+        ProcessSesEvent,
+    )
 }

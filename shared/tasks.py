@@ -25,11 +25,11 @@ import pymysql
 import structlog
 
 from schemas.api_keys import iso_utc
-from schemas.messages import ExpireTask
+from schemas.messages import ExpireTask, ExpireTasks, Timer
 from schemas.tasks import TaskCallback, TaskEvent, TaskStatus
 from shared import metrics
 from shared.batching import Batcher
-from shared.broker import Broker, BrokerUnavailable
+from shared.broker import Broker, BrokerUnavailable, publish_all
 from shared.callbacks import NewEvent, publish_event, publish_events, record_events
 from shared.db import Database, DatabaseUnavailable, Row, rerun_if_rolled_back, utcnow
 from shared.idempotency import KEY_RULE, valid_key
@@ -184,29 +184,85 @@ def _placeholders(count: int) -> str:
 # ----------------------------------------------------------------------------- timers
 
 
-async def publish_timer(broker: Broker, task_id: str, due_at_ms: int) -> None:
-    """Schedule an ExpireTask for `due_at_ms` (confirmed); BrokerUnavailable if not taken.
+def timer_messages(
+    timers: Sequence[Timer], now_ms: int, unit_ms: int
+) -> list[tuple[ExpireTask | ExpireTasks, int, str]]:
+    """The messages that carry `timers`: (command, delay in ms, message id) each.
 
-    The delay is rounded DOWN to whole cascade units, so the message arrives up to one unit
-    early and the expiry worker holds the sub-unit rest itself: precision well below the unit.
+    Delays are rounded DOWN to whole cascade units, so a message arrives up to one unit early
+    and the expiry worker holds each sub-unit rest itself: precision well below the unit.
+    Timers with the same whole-unit delay share a message (up to MAX_TIMERS): in a storm
+    of tasks added together and due together, the broker moves one message per commit through
+    the cascade instead of one per task. A timer alone travels as an ExpireTask.
+    """
+    groups: dict[int, list[Timer]] = {}
+    for timer in timers:
+        delay = max(0, timer.due_at_ms - now_ms) // unit_ms * unit_ms
+        groups.setdefault(delay, []).append(timer)
+    messages: list[tuple[ExpireTask | ExpireTasks, int, str]] = []
+    for delay, group in groups.items():
+        for start in range(0, len(group), ExpireTasks.MAX_TIMERS):
+            chunk = group[start : start + ExpireTasks.MAX_TIMERS]
+            first = chunk[0]
+            if len(chunk) == 1:
+                single = ExpireTask(task_id=first.task_id, due_at_ms=first.due_at_ms)
+                messages.append((single, delay, first.task_id))
+            else:
+                message_id = f"{first.task_id}+{len(chunk) - 1}"
+                messages.append((ExpireTasks(timers=tuple(chunk)), delay, message_id))
+    return messages
+
+
+async def publish_timers(broker: Broker, timers: Sequence[Timer]) -> None:
+    """Schedule the timers (confirmed); BrokerUnavailable if any message was not taken.
+
     A delay beyond one pass of the cascade arrives early by more, and is re-published.
     """
-    unit = broker.cascade.unit_ms
-    delay_ms = max(0, due_at_ms - int(time.time() * 1000))
-    await broker.publish(
-        ExpireTask(task_id=task_id, due_at_ms=due_at_ms),
-        delay_ms=delay_ms // unit * unit,
-        message_id=task_id,
+    messages = timer_messages(timers, int(time.time() * 1000), broker.cascade.unit_ms)
+    results = await publish_all(
+        broker.publish(command, delay_ms=delay, message_id=message_id)
+        for command, delay, message_id in messages
     )
+    failed = [r for r in results if r is not None]
+    if failed:
+        raise failed[0]
+
+
+async def publish_timer(broker: Broker, task_id: str, due_at_ms: int) -> None:
+    """One task's timer (see `publish_timers`)."""
+    await publish_timers(broker, [Timer(task_id=task_id, due_at_ms=due_at_ms)])
+
+
+# Per broker (so per process): timers of adds answered at the same moment, coalesced.
+_timer_coalescers: weakref.WeakKeyDictionary[Broker, Batcher[Timer, None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def _schedule(broker: Broker, task_id: str, due_at_ms: int) -> None:
-    """publish_timer for a committed task: a failure is left to the reconciler's sweep."""
+    """A committed task's timer, in one message with the timers of the adds committed with it;
+    a failure is left to the reconciler's sweep."""
+    coalescer = _timer_coalescers.get(broker)
+    if coalescer is None:
+        # By weak reference: a coalescer holding its Broker would keep its own entry alive.
+        coalescer = _timer_coalescers[broker] = Batcher(
+            partial(_schedule_in, weakref.ref(broker)),
+            limit=ExpireTasks.MAX_TIMERS,
+            parallel=2,
+        )
+    await coalescer.submit(Timer(task_id=task_id, due_at_ms=due_at_ms))
+
+
+async def _schedule_in(broker: weakref.ref[Broker], timers: list[Timer]) -> list[None]:
+    alive = broker()
     try:
-        await publish_timer(broker, task_id, due_at_ms)
+        if alive is None:  # only if a request outlived its app's broker
+            raise BrokerUnavailable("broker closed")
+        await publish_timers(alive, timers)
     except BrokerUnavailable as exc:
-        metrics.TASK_TIMER_PUBLISH_FAILED.inc()
-        log.warning("task.timer_deferred", task_id=task_id, error=str(exc))
+        metrics.TASK_TIMER_PUBLISH_FAILED.inc(len(timers))
+        log.warning("task.timer_deferred", count=len(timers), error=str(exc))
+    return [None] * len(timers)
 
 
 # ----------------------------------------------------------------------------- add
@@ -441,9 +497,14 @@ async def get_task(db: Database, *, key_id: int, task_id: str) -> Task:
     return _task(row)
 
 
-async def is_pending(db: Database, task_id: str) -> bool:
-    row = await db.fetchone("SELECT status FROM tasks WHERE task_id = %s", (task_id,))
-    return row is not None and row["status"] == PENDING
+async def pending_of(db: Database, task_ids: Sequence[str]) -> set[str]:
+    """Those of `task_ids` still PENDING."""
+    rows = await db.fetchall(
+        f"SELECT task_id FROM tasks WHERE task_id IN ({_placeholders(len(task_ids))})"  # noqa: S608 - placeholders only
+        " AND status = %s",
+        (*task_ids, PENDING),
+    )
+    return {row["task_id"] for row in rows}
 
 
 # ----------------------------------------------------------------------------- expiry

@@ -36,7 +36,7 @@ from receiver import Receiver
 
 from gateway.app import create_app
 from gateway.app_keys import BROKER, DB
-from schemas.messages import ExpireTask
+from schemas.messages import ExpireTask, ExpireTasks, Timer
 from shared import tasks
 from shared.batching import Batcher
 from shared.broker import Broker, Publish, write_confirmed
@@ -116,6 +116,26 @@ async def add(
 
 def db_of(client: Client) -> Database:
     return client.app[DB]
+
+
+async def key_id_of(db: Database, key: dict[str, Any]) -> int:
+    row = await db.fetchone("SELECT id FROM api_keys WHERE api_name = %s", (key["api_name"],))
+    assert row is not None
+    key_id: int = row["id"]
+    return key_id
+
+
+async def insert_pending(db: Database, key_id: int, due: datetime, count: int = 1) -> list[str]:
+    """PENDING rows written straight to MySQL, with no timer of their own; their ids."""
+    ids = [new_record_id() for _ in range(count)]
+    expire_at = tasks.to_db_time(due.astimezone(UTC))
+    async with db.transaction() as cur:
+        await cur.executemany(
+            "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"
+            " VALUES (%s, %s, '{}', %s, %s)",
+            [(task_id, key_id, expire_at, utcnow()) for task_id in ids],
+        )
+    return ids
 
 
 # ------------------------------------------------------------------------- the session's service
@@ -610,6 +630,7 @@ async def test_a_stopping_gateway_publishes_every_answered_add_before_it_exits(
         assert len(answered) >= 20
 
         timers: set[str] = set()
+        timer_messages = 0
         events: set[str] = set()
         connection = await aio_pika.connect(url)
         try:
@@ -621,6 +642,10 @@ async def test_a_stopping_gateway_publishes_every_answered_add_before_it_exits(
                     payload = json.loads(message.body)
                     if message.type == ExpireTask.TYPE:
                         timers.add(payload["task_id"])
+                        timer_messages += 1
+                    elif message.type == ExpireTasks.TYPE:
+                        timers.update(t["task_id"] for t in payload["timers"])
+                        timer_messages += 1
                     else:
                         events.update(payload.get("event_ids") or [payload["event_id"]])
         finally:
@@ -636,6 +661,8 @@ async def test_a_stopping_gateway_publishes_every_answered_add_before_it_exits(
         }
         assert len(added_events) == len(answered)
         assert set(answered) <= timers
+        # Adds answered together (same expiryDate) share their timer's message.
+        assert timer_messages < len(timers)
         assert added_events <= events
     finally:
         rabbitmqctl("delete_vhost", vhost)
@@ -724,6 +751,44 @@ async def test_duplicate_timers_fire_exactly_once(client: Client, make_key: Any)
     assert [e["event_type"] for e in await events(db, task_id)] == ["task.added", "task.expired"]
 
 
+async def test_timers_sharing_a_message_fire_each_at_its_own_time(
+    client: Client, make_key: Any, settings: Settings
+) -> None:
+    """One ExpireTasks message for tasks due at different moments of one second: each fires at
+    its own due time (not with the first or the last), a removed one never; the sweep's grace
+    is far beyond the test's wait, so only the message can fire them."""
+    assert settings.TASK_SWEEP_GRACE_SECONDS >= 8
+    key = await make_key()
+    db, broker = db_of(client), client.app[BROKER]
+    key_id = await key_id_of(db, key)
+    start = datetime.now(UTC)
+    offsets_ms = [1200, 1450, 1700, 1950]
+    ids = [
+        (await insert_pending(db, key_id, start + timedelta(milliseconds=ms)))[0]
+        for ms in offsets_ms
+    ]
+    removed = ids.pop(1)
+    await db.execute("UPDATE tasks SET status = 'REMOVED' WHERE task_id = %s", (removed,))
+    timers = [
+        Timer(task_id=task_id, due_at_ms=tasks.epoch_ms((await task_row(db, task_id))["expire_at"]))
+        for task_id in [*ids, removed]
+    ]
+    [(command, delay_ms, message_id)] = tasks.timer_messages(
+        timers, int(start.timestamp() * 1000), broker.cascade.unit_ms
+    )
+    assert isinstance(command, ExpireTasks) and delay_ms == 1000
+    await broker.publish(command, delay_ms=delay_ms, message_id=message_id)
+    for task_id in ids:
+        row = await wait_status(db, task_id, "EXPIRED", timeout=5)
+        late_ms = (row["expired_at"] - row["expire_at"]).total_seconds() * 1000
+        assert 0 <= late_ms < 200, (task_id, late_ms)  # the offsets are 250 ms apart
+        assert row["fired_by"] == "timer"
+        assert [e["event_type"] for e in await events(db, task_id)] == ["task.expired"]
+    await asyncio.sleep(0.5)
+    assert (await task_row(db, removed))["status"] == "REMOVED"
+    assert await events(db, removed) == []
+
+
 async def test_reconciler_fires_a_task_whose_timer_was_never_published(
     client: Client, make_key: Any, settings: Settings
 ) -> None:
@@ -761,17 +826,9 @@ async def test_an_arriving_timer_also_fires_tasks_already_due_without_their_own(
     arrive fires the others (here: a row whose timer is missing), long before the sweep."""
     key = await make_key()
     db = db_of(client)
-    key_id = (await db.fetchone("SELECT id FROM api_keys WHERE api_name = %s", (key["api_name"],)))[
-        "id"
-    ]
-    waiting = new_record_id()
-    due = utcnow() - timedelta(seconds=1)  # due, but well within the sweep's grace
     assert settings.TASK_SWEEP_GRACE_SECONDS >= 8
-    await db.execute(
-        "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"
-        " VALUES (%s, %s, %s, %s, %s)",
-        (waiting, key_id, "{}", tasks.to_db_time(due.replace(tzinfo=UTC)), due),
-    )
+    # Due, but well within the sweep's grace.
+    [waiting] = await insert_pending(db, await key_id_of(db, key), in_ms(-1000))
     arriving = (await add(client, key, in_ms(-500)))["taskId"]  # its timer comes at once
     await wait_status(db, arriving, "EXPIRED", timeout=5)
     row = await wait_status(db, waiting, "EXPIRED", timeout=3)
@@ -785,16 +842,7 @@ async def test_due_scans_skip_rows_another_transaction_holds(client: Client, mak
     on the other's locks (SKIP LOCKED); a held row is left to its holder."""
     key = await make_key()
     db = db_of(client)
-    key_id = (await db.fetchone("SELECT id FROM api_keys WHERE api_name = %s", (key["api_name"],)))[
-        "id"
-    ]
-    held = new_record_id()
-    due = utcnow() - timedelta(seconds=1)
-    await db.execute(
-        "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"
-        " VALUES (%s, %s, %s, %s, %s)",
-        (held, key_id, "{}", tasks.to_db_time(due.replace(tzinfo=UTC)), due),
-    )
+    [held] = await insert_pending(db, await key_id_of(db, key), in_ms(-1000))
     before = utcnow()
     async with db.transaction() as cur:
         await cur.execute("SELECT id FROM tasks WHERE task_id = %s FOR UPDATE", (held,))
@@ -814,17 +862,7 @@ async def test_batches_and_due_scans_at_once_never_deadlock_and_fire_each_task_o
     (several expiry workers and the reconciler). Each task fires once; no batch fails."""
     key = await make_key()
     db = db_of(client)
-    key_id = (await db.fetchone("SELECT id FROM api_keys WHERE api_name = %s", (key["api_name"],)))[
-        "id"
-    ]
-    ids = [new_record_id() for _ in range(1200)]
-    due = utcnow() - timedelta(seconds=1)
-    async with db.transaction() as cur:
-        await cur.executemany(
-            "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"
-            " VALUES (%s, %s, '{}', %s, %s)",
-            [(t, key_id, tasks.to_db_time(due.replace(tzinfo=UTC)), due) for t in ids],
-        )
+    ids = await insert_pending(db, await key_id_of(db, key), in_ms(-1000), count=1200)
 
     async def batch(listed: list[str]) -> list[str]:
         by_timer = await tasks.expire_tasks_in_db(db, listed, source="timer")
@@ -998,6 +1036,29 @@ async def test_every_cascade_level_end_to_end(rig: Client, make_key: Any) -> Non
             "task.added",
             "task.expired",
         ], name
+
+
+async def test_timers_sharing_a_message_beyond_one_pass_are_re_published_together(
+    rig: Client, make_key: Any
+) -> None:
+    """A message of several timers that arrives a pass early goes round again for the rest; each
+    fires on time by its timer (the rig's sweep would be 2 s late), one removed meanwhile never."""
+    key = await make_key()
+    db, broker = db_of(rig), rig.app[BROKER]
+    max_units = (1 << LEVELS) - 1
+    due = datetime.now(UTC) + timedelta(milliseconds=UNIT_MS * (max_units + 20) + 20)
+    ids = await insert_pending(db, await key_id_of(db, key), due, count=3)
+    removed = ids.pop()
+    due_ms = tasks.epoch_ms((await task_row(db, removed))["expire_at"])
+    command = ExpireTasks(timers=tuple(Timer(task_id=t, due_at_ms=due_ms) for t in [*ids, removed]))
+    await broker.publish(command, delay_ms=UNIT_MS * max_units, message_id="beyond")
+    await db.execute("UPDATE tasks SET status = 'REMOVED' WHERE task_id = %s", (removed,))
+    for task_id in ids:
+        row = await wait_status(db, task_id, "EXPIRED", timeout=15)
+        late_ms = (row["expired_at"] - row["expire_at"]).total_seconds() * 1000
+        assert 0 <= late_ms <= RIG_LATE_MS, late_ms
+        assert row["fired_by"] == "timer"
+    assert (await task_row(db, removed))["status"] == "REMOVED"
 
 
 async def test_purged_timer_is_fired_by_the_reconciler(rig: Client, make_key: Any) -> None:

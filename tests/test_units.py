@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidTag
 
+from schemas.messages import ExpireTask, ExpireTasks, Timer
 from shared import crypto, ids
 from shared.clock import sleep_until
 from shared.durations import DurationError, expiry_after
 from shared.logs import _redact
 from shared.settings import Settings
+from shared.tasks import timer_messages
 from workers.consumer import Acks
 
 START = datetime(2024, 1, 31, 12, 0, 0)
@@ -211,3 +213,33 @@ def test_coalesced_acks_share_one_frame_when_the_front_finishes_together() -> No
     broker = asyncio.run(scenario())
     assert broker.frames == [(2, False), (3, False), (4, False), (5, False), (6, False), (10, True)]
     assert not broker.unacked
+
+
+def test_timers_with_the_same_whole_unit_delay_share_a_message() -> None:
+    now = 1_000_000
+    timers = [
+        Timer(task_id="a", due_at_ms=now + 1_200),
+        Timer(task_id="b", due_at_ms=now + 30_000),
+        Timer(task_id="c", due_at_ms=now + 1_999),
+        Timer(task_id="d", due_at_ms=now - 5),  # overdue: no delay
+        Timer(task_id="e", due_at_ms=now + 1_000),
+    ]
+    messages = timer_messages(timers, now, 1_000)
+    assert [(delay, message_id) for _, delay, message_id in messages] == [
+        (1_000, "a+2"),
+        (30_000, "b"),
+        (0, "d"),
+    ]
+    shared, single, overdue = (command for command, _, _ in messages)
+    assert isinstance(shared, ExpireTasks)
+    assert [t.task_id for t in shared.timers] == ["a", "c", "e"]
+    assert single == ExpireTask(task_id="b", due_at_ms=now + 30_000)
+    assert overdue == ExpireTask(task_id="d", due_at_ms=now - 5)
+
+
+def test_a_message_carries_at_most_max_timers() -> None:
+    timers = [Timer(task_id=f"t{i}", due_at_ms=5_000) for i in range(ExpireTasks.MAX_TIMERS + 1)]
+    messages = timer_messages(timers, 0, 1_000)
+    sizes = [len(c.timers) if isinstance(c, ExpireTasks) else 1 for c, _, _ in messages]
+    assert sizes == [ExpireTasks.MAX_TIMERS, 1]
+    assert {delay for _, delay, _ in messages} == {5_000}

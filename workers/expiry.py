@@ -1,11 +1,13 @@
-"""The `expiry` worker: consumes ExpireTask timers and expires tasks in batches.
+"""The `expiry` worker: consumes timers (ExpireTask, ExpireTasks) and expires tasks in batches.
 
-A timer message arrives up to one cascade unit before its due time (publishers round the delay
-down); the handler holds that sub-unit rest with a short sleep, then hands the task id to the
+A timer message (one task's, or those of tasks added together and due in the same unit)
+arrives up to one cascade unit before its due time (publishers round the delay down); the
+handler holds each task's sub-unit rest with a short sleep, then hands the task id to the
 batcher. The batcher collects ids for a few milliseconds and expires them in one transaction
-(`PENDING -> EXPIRED` plus one EXPIRED event each); only then is each message acked. A message
-that arrives more than one unit early (a delay longer than one pass of the cascade, or clock
-skew) is re-published for the rest, as a fresh message without `x-death`.
+(`PENDING -> EXPIRED` plus one EXPIRED event each); only then is a message acked (one carrying
+several timers once all are). A message that arrives more than one unit early (a delay longer
+than one pass of the cascade, or clock skew) is re-published for the rest, as a fresh message
+without `x-death`.
 
 A batch that fired tasks also starts a scan for other tasks already due (`_scan_due`): in a
 storm their timers are still in the cascade. The reconciler's sweep (`sweep_overdue_tasks`)
@@ -25,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from schemas.messages import Command, ExpireTask
+from schemas.messages import Command, ExpireTask, ExpireTasks, Timer
 from shared import tasks
 from shared.callbacks import publish_events
 from shared.clock import sleep_until
@@ -211,24 +213,34 @@ class ExpiryWorker:
         await self._batcher.close()
 
     async def handle(self, command: Command) -> None:
-        """One timer message: wait out the sub-unit rest, or re-publish a longer rest; expire."""
-        if not isinstance(command, ExpireTask):
+        """One timer message (or several timers in one): each waits out its sub-unit rest and
+        is expired, or a longer rest is re-published; the message is acked when all are done."""
+        if isinstance(command, ExpireTask):
+            timers = [Timer(task_id=command.task_id, due_at_ms=command.due_at_ms)]
+        elif isinstance(command, ExpireTasks):
+            timers = list(command.timers)
+        else:
             raise Reject(f"{command.TYPE} does not belong on the expiry queue")
-        left = remaining_ms(command.due_at_ms, int(time.time() * 1000))
-        if left > self._unit_ms:
-            await self._republish(command)
-            return
-        # Less than one unit (a second by default): far below the broker's consumer timeout.
-        await sleep_until(command.due_at_ms / 1000, time.time)
-        fired = await self._batcher.expire(command.task_id)
-        log.debug("task.timer", task_id=command.task_id, fired=fired)
+        now_ms = int(time.time() * 1000)
+        early = [t for t in timers if remaining_ms(t.due_at_ms, now_ms) > self._unit_ms]
+        due = [t for t in timers if remaining_ms(t.due_at_ms, now_ms) <= self._unit_ms]
+        await asyncio.gather(self._republish(early), *(self._fire(t) for t in due))
 
-    async def _republish(self, command: ExpireTask) -> None:
+    async def _fire(self, timer: Timer) -> None:
+        # Less than one unit (a second by default): far below the broker's consumer timeout.
+        await sleep_until(timer.due_at_ms / 1000, time.time)
+        fired = await self._batcher.expire(timer.task_id)
+        log.debug("task.timer", task_id=timer.task_id, fired=fired)
+
+    async def _republish(self, timers: list[Timer]) -> None:
         # A removed or already fired task needs no timer for the rest of a long delay.
-        if not await tasks.is_pending(self._ctx.db, command.task_id):
+        if not timers:
             return
-        await tasks.publish_timer(self._ctx.broker, command.task_id, command.due_at_ms)
-        log.info("task.timer_republished", task_id=command.task_id)
+        pending = await tasks.pending_of(self._ctx.db, [t.task_id for t in timers])
+        if not pending:
+            return
+        await tasks.publish_timers(self._ctx.broker, [t for t in timers if t.task_id in pending])
+        log.info("task.timer_republished", count=len(pending))
 
 
 async def sweep_overdue_tasks(ctx: Context) -> int:
