@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Awaitable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -30,7 +30,7 @@ from pamqp.header import ContentHeader
 
 from schemas.messages import COMMANDS, Command
 from shared.batching import Batcher
-from shared.delay import Cascade, declare_cascade
+from shared.delay import Cascade, check_destination, declare_cascade
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -72,7 +72,9 @@ async def publish_all(publishes: Iterable[Awaitable[None]]) -> list[BrokerUnavai
 
 
 def cascade_for(settings: Settings) -> Cascade:
-    return Cascade(prefix="qs.delay", levels=settings.DELAY_LEVELS, unit_ms=settings.DELAY_UNIT_MS)
+    return Cascade(
+        prefix="qs.cascade", levels=settings.DELAY_LEVELS, unit_ms=settings.DELAY_UNIT_MS
+    )
 
 
 def decode(message: AbstractIncomingMessage) -> Command:
@@ -115,14 +117,17 @@ class Publish:
     properties: spec.Basic.Properties
 
 
-def properties(command: Command, message_id: str | None) -> spec.Basic.Properties:
+def properties(
+    command: Command, message_id: str | None, delay: Mapping[str, str] | None = None
+) -> spec.Basic.Properties:
     """The AMQP properties every consumer relies on. A fresh message: persistent, and with no
-    per-message TTL (it would leave a cascade level early) and no x-death history."""
+    per-message TTL (it would leave a cascade level early) and no x-death history; `delay`:
+    the cascade's bit headers (`Cascade.headers`)."""
     return spec.Basic.Properties(
         content_type="application/json",
         message_type=command.TYPE,
         message_id=message_id or uuid.uuid4().hex,  # returns are matched by message id
-        headers={SCHEMA_HEADER: command.VERSION},
+        headers={SCHEMA_HEADER: command.VERSION, **(delay or {})},
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
     )
 
@@ -265,11 +270,13 @@ class Broker:
         """
         try:
             units = self.cascade.units_for(delay_ms)
+            routing_key = destination or command.DESTINATION
+            check_destination(routing_key)
             publish = Publish(
                 exchange=self.cascade.entry_exchange(units),
-                routing_key=self.cascade.routing_key(units, destination or command.DESTINATION),
+                routing_key=routing_key,
                 body=command.model_dump_json().encode(),
-                properties=properties(command, message_id),
+                properties=properties(command, message_id, self.cascade.headers(units)),
             )
             confirm = await self._outbox.submit(publish)
             if isinstance(result := await confirm, aiormq.abc.DeliveredMessage):

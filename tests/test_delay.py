@@ -1,4 +1,4 @@
-"""The delay cascade (shared/delay.py): pure key math, then real timers on the real RabbitMQ.
+"""The delay cascade (shared/delay.py): pure bit math, then real timers on the real RabbitMQ.
 
 Broker tests use small units (10-20 ms) so whole passes take a second or two, and a distinct
 name prefix each, inside the session's own vhost.
@@ -25,6 +25,8 @@ from shared.delay import (
     MAX_TTL_MS,
     Cascade,
     DelayPublisher,
+    bit_header,
+    check_destination,
     declare_cascade,
     remaining_ms,
     strip_death_headers,
@@ -45,7 +47,7 @@ def _prefix(name: str) -> str:
 # ---------------------------------------------------------------------------- pure math
 
 
-def test_routing_keys_and_entry_levels() -> None:
+def test_bit_headers_and_entry_levels() -> None:
     c = Cascade(prefix="p", levels=4, unit_ms=20)
     assert c.max_units == 15
     assert c.max_ms == 300
@@ -54,15 +56,15 @@ def test_routing_keys_and_entry_levels() -> None:
     assert [c.ttl_ms(level) for level in range(4)] == [20, 40, 80, 160]
 
     cases = {
-        0: ("0.0.0.0.d", "p.deliver"),
-        1: ("0.0.0.1.d", "p.00"),
-        2: ("0.0.1.0.d", "p.01"),
-        5: ("0.1.0.1.d", "p.02"),
-        8: ("1.0.0.0.d", "p.03"),
-        15: ("1.1.1.1.d", "p.03"),  # all bits set == the maximum
+        0: ([], "p.deliver"),
+        1: ([0], "p.00"),
+        2: ([1], "p.01"),
+        5: ([0, 2], "p.02"),
+        8: ([3], "p.03"),
+        15: ([0, 1, 2, 3], "p.03"),  # all bits set == the maximum
     }
-    for units, (key, entry) in cases.items():
-        assert c.routing_key(units, "d") == key
+    for units, (levels, entry) in cases.items():
+        assert c.headers(units) == {bit_header(level): "1" for level in levels}
         assert c.entry_exchange(units) == entry
 
     # The entry is the highest set bit, not the top level, for every value.
@@ -74,12 +76,12 @@ def test_routing_keys_and_entry_levels() -> None:
 def test_default_cascade_is_the_nservicebus_shape() -> None:
     c = Cascade()
     assert c.max_units == 2**28 - 1
-    assert c.level_name(27) == "qs.delay.27"
+    assert c.level_name(27) == "qs.cascade.27"
     assert c.ttl_ms(27) == 134_217_728_000
-    key = c.routing_key(c.max_units, "tasks")
-    assert key == ".".join(["1"] * 28 + ["tasks"])
-    assert c.routing_key(3600, "tasks").split(".")[:-1] == list(f"{3600:028b}")
-    assert c.entry_exchange(3600) == "qs.delay.11"  # 2**11 <= 3600 < 2**12
+    assert c.headers(c.max_units) == {f"qs-delay-{level:02d}": "1" for level in range(28)}
+    assert 3600 == 0b1110_0001_0000
+    assert c.headers(3600) == {bit_header(level): "1" for level in (4, 9, 10, 11)}
+    assert c.entry_exchange(3600) == "qs.cascade.11"  # 2**11 <= 3600 < 2**12
 
 
 def test_units_for_rounds_up_and_clamps() -> None:
@@ -104,12 +106,11 @@ def test_invalid_units_and_destinations_are_refused() -> None:
     c = Cascade(prefix="p", levels=4, unit_ms=20)
     for units in (-1, 16):
         with pytest.raises(ValueError):
-            c.routing_key(units, "d")
+            c.headers(units)
         with pytest.raises(ValueError):
             c.entry_exchange(units)
-    for destination in ("", "a.b", "a*", "#"):
-        with pytest.raises(ValueError):
-            c.routing_key(1, destination)
+    with pytest.raises(ValueError):
+        check_destination("")
 
 
 def test_ten_year_ttl_limit() -> None:
@@ -314,19 +315,22 @@ async def test_beyond_one_pass_is_republished_for_the_remainder(
 async def test_publisher_strips_death_headers_itself(
     connection: aio_pika.abc.AbstractConnection,
 ) -> None:
-    """Handing the received message straight back to publish() must not lose it either."""
+    """Handing the received message straight back to publish() must not lose it either, nor
+    let the bits of its first delay choose levels for the second."""
     cascade = Cascade(prefix=_prefix("strip"), levels=4, unit_ms=20)
     rig = await _rig(connection, cascade)
     await rig.publisher.publish(_message("m"), cascade.max_ms, rig.destination)
     [first] = await rig.collector.wait_for(1, within=10)
     assert "x-death" in first.headers
+    assert first.headers[bit_header(0)] == "1"  # every bit of the maximum
 
     incoming = _message("m", first.headers)
-    await rig.publisher.publish(incoming, cascade.max_ms, rig.destination)
+    await rig.publisher.publish(incoming, 0b1010 * cascade.unit_ms, rig.destination)
     arrivals = await rig.collector.wait_for(2, within=10)
     assert [a.message_id for a in arrivals] == ["m", "m"]
     assert "x-death" in incoming.headers  # the caller's message is left alone
     assert all(d["count"] == 1 for d in arrivals[1].headers["x-death"])
+    assert _death_queues(arrivals[1].headers) == _levels_of(cascade, 0b1010)
 
 
 async def test_control_unstripped_republish_is_dropped_by_cycle_detection(
@@ -344,9 +348,7 @@ async def test_control_unstripped_republish_is_dropped_by_cycle_detection(
 
     # Bypass DelayPublisher (which strips) and publish exactly as a naive consumer would.
     entry = await rig.channel.get_exchange(cascade.entry_exchange(cascade.max_units), ensure=False)
-    confirmed = await entry.publish(
-        _message("m", first.headers), cascade.routing_key(cascade.max_units, rig.destination)
-    )
+    confirmed = await entry.publish(_message("m", first.headers), rig.destination)
     assert isinstance(confirmed, aiormq.spec.Basic.Ack)  # accepted by the broker...
     with pytest.raises(TimeoutError):  # ...and silently dropped at the first dead-lettering
         await rig.collector.wait_for(2, within=cascade.max_ms / 1000 + 1.0)

@@ -635,7 +635,7 @@ async def test_a_stopping_gateway_publishes_every_answered_add_before_it_exits(
         connection = await aio_pika.connect(url)
         try:
             channel = await connection.channel()
-            names = [f"qs.delay.{level:02d}" for level in range(28)] + ["qs.callbacks"]
+            names = [f"qs.cascade.{level:02d}" for level in range(28)] + ["qs.callbacks"]
             for name in names:
                 queue = await channel.declare_queue(name, passive=True)
                 while (message := await queue.get(no_ack=True, fail=False)) is not None:
@@ -1070,7 +1070,7 @@ async def test_purged_timer_is_fired_by_the_reconciler(rig: Client, make_key: An
     connection = await aio_pika.connect(f"{AMQP_BASE}/{rig.vhost}")  # type: ignore[attr-defined]
     try:
         channel = await connection.channel()
-        level5 = await channel.get_queue("qs.delay.05", ensure=False)
+        level5 = await channel.get_queue("qs.cascade.05", ensure=False)
         purged = await level5.purge()
         assert purged.message_count >= 1
     finally:
