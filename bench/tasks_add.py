@@ -4,7 +4,8 @@ Starts `queue-server gateway` (its own database and vhost), creates a client key
 closed-loop load generator (Python + aiohttp, in this process) with N concurrent clients, each
 sending the next request as soon as the previous answer arrives. Every request is a real add:
 a row and its ADD event committed in MySQL, a timer and the ADD callback published (confirmed)
-to RabbitMQ. No worker runs, so the numbers are the gateway's alone (tasks are due in an hour).
+to RabbitMQ. No worker runs, so the numbers are the gateway's alone (tasks are due one to two
+hours ahead, each at its own millisecond).
 
 The load generator shares the machine with the gateway, MariaDB and RabbitMQ; on a small box it
 takes a good part of one core itself (its CPU time is printed), so treat results as a floor.
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -92,11 +95,30 @@ def footprint(bench: Stack) -> str:
 Post = Callable[[], Awaitable[int]]  # one add; returns the HTTP status
 
 
+def request_bodies(count: int = 4096) -> list[bytes]:
+    """Add bodies due at different milliseconds over an hour, starting an hour from now, all of
+    one length: timers of adds answered together rarely share a message, as with real clients
+    (one expiryDate for every add would let each batch's timers travel in one message)."""
+    start = time.time() + 3600
+    return [
+        json.dumps(
+            {
+                "data": {"hello": "world", "n": 1234567890},
+                "expiryDate": iso(start + random.randrange(3_600_000) / 1000),
+            }
+        ).encode()
+        for _ in range(count)
+    ]
+
+
 def aiohttp_clients(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], bodies: list[bytes]
 ) -> Callable[[], Awaitable[Post]]:
     async def connect() -> Post:
+        turn = itertools.cycle(random.sample(bodies, len(bodies)))
+
         async def post() -> int:
+            body = next(turn)
             async with session.post(url + "/server/queue/add", data=body, headers=headers) as r:
                 await r.read()
                 return r.status
@@ -107,23 +129,27 @@ def aiohttp_clients(
 
 
 def raw_clients(
-    url: str, headers: dict[str, str], body: bytes, opened: list[asyncio.StreamWriter]
+    url: str, headers: dict[str, str], bodies: list[bytes], opened: list[asyncio.StreamWriter]
 ) -> Callable[[], Awaitable[Post]]:
-    """Bare HTTP/1.1 keep-alive clients: a fixed request, read the status and the body back.
+    """Bare HTTP/1.1 keep-alive clients: prepared requests, read the status and the body back.
     Far less CPU per request than aiohttp's client, so more of the box is left to the gateway."""
     parsed = urlsplit(url)
     lines = [
         "POST /server/queue/add HTTP/1.1",
         f"Host: {parsed.netloc}",
         *(f"{name}: {value}" for name, value in headers.items()),
-        f"Content-Length: {len(body)}",
     ]
-    request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    requests = [
+        ("\r\n".join([*lines, f"Content-Length: {len(body)}"]) + "\r\n\r\n").encode() + body
+        for body in bodies
+    ]
 
     async def connect() -> Post:
         stream: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        turn = itertools.cycle(random.sample(requests, len(requests)))
 
         async def post() -> int:
+            request = next(turn)
             if not stream:
                 stream.append(await asyncio.open_connection(parsed.hostname, parsed.port))
                 opened.append(stream[0][1])
@@ -147,9 +173,7 @@ def raw_clients(
 
 async def load(url: str, headers: dict[str, str], args: argparse.Namespace) -> int:
     """Run the clients; returns how many requests were answered (warmup included)."""
-    body = json.dumps(
-        {"data": {"hello": "world", "n": 1234567890}, "expiryDate": iso(time.time() + 3600)}
-    ).encode()
+    bodies = request_bodies()
     headers = {**headers, "Content-Type": "application/json"}
     latencies: list[float] = []
     slowest: dict[int, float] = {}  # per second of the measurement: a stall shows as one peak
@@ -172,9 +196,9 @@ async def load(url: str, headers: dict[str, str], args: argparse.Namespace) -> i
 
     async with http_session(limit=args.concurrency) as session:
         if args.raw_client:
-            connect = raw_clients(url, headers, body, opened)
+            connect = raw_clients(url, headers, bodies, opened)
         else:
-            connect = aiohttp_clients(session, url, headers, body)
+            connect = aiohttp_clients(session, url, headers, bodies)
         begin = time.perf_counter()
         measure_from = begin + args.warmup
         end = measure_from + args.duration
