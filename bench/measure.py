@@ -49,21 +49,24 @@ class CpuMeter:
         self._start: dict[str, float] = {}
         self._wall = 0.0
         self._busy = 0.0
+        self._steal = 0.0
         self._samples: list[dict[str, float]] = []
         self._sampling = threading.Event()
         self._sampler: threading.Thread | None = None
 
     @staticmethod
-    def _machine_busy() -> float:
-        """CPU seconds the whole machine spent not idle (all cores), from /proc/stat."""
+    def _machine() -> tuple[float, float]:
+        """CPU seconds the whole machine (all cores) spent busy, and those the hypervisor took
+        for other guests (steal: this VM wanted to run and could not), from /proc/stat."""
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        idle, steal = fields[3] + fields[4], fields[7]  # idle + iowait; steal
+        return (sum(fields[:8]) - idle - steal) / tick, steal / tick
 
     def start(self) -> None:
         self._wall = time.monotonic()
         self._start = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
-        self._busy = self._machine_busy()
+        self._busy, self._steal = self._machine()
 
     def sample_every_second(self) -> None:
         """Also record each process's CPU per second (a thread reading /proc), for timeline()."""
@@ -80,10 +83,12 @@ class CpuMeter:
 
     def _now(self) -> dict[str, float]:
         now = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
-        return now | {"machine": self._machine_busy()}
+        busy, steal = self._machine()
+        return now | {"machine": busy, "steal": steal}
 
     def timeline(self) -> str:
-        """One line per second sampled: % of one core per process, and the whole machine's."""
+        """One line per second sampled: % of one core per process, the whole machine's, and the
+        share the hypervisor stole."""
         self._sampling.set()
         if self._sampler is not None:
             self._sampler.join()
@@ -95,9 +100,11 @@ class CpuMeter:
     def report(self) -> str:
         wall = time.monotonic() - self._wall
         used = {n: cpu_seconds(p) - self._start[n] for n, p in self.processes.items()}
-        machine = (self._machine_busy() - self._busy) / wall * 100
+        busy, steal = self._machine()
+        machine = (busy - self._busy) / wall * 100
+        stolen = (steal - self._steal) / wall * 100
         return (
             "CPU (% of one core): "
             + ", ".join(f"{name} {seconds / wall * 100:.0f}%" for name, seconds in used.items())
-            + f"; whole machine {machine:.0f}% of {os.cpu_count()} cores"
+            + f"; whole machine {machine:.0f}% of {os.cpu_count()} cores, {stolen:.0f}% stolen"
         )
