@@ -1,7 +1,8 @@
 """Broker messages: small versioned commands that carry ids and due times, never payload data.
 
 MySQL is the source of truth; a consumer re-reads the row a command names. The AMQP properties
-carry `message_id`, `type` (the command's TYPE), `content_type` and the schema version header.
+carry `message_id`, `type` (the command's TYPE), `content_type` and the schema version header
+(and, on a delayed message, the cascade's bit headers: shared/delay.py).
 """
 
 from __future__ import annotations
