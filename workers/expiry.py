@@ -39,11 +39,9 @@ from workers.runtime import Context
 log = structlog.get_logger("expiry")
 
 DESTINATION = ExpireTask.DESTINATION
-# Batches in flight at once. One: the timers that arrive while a batch commits all join the
-# next, so under load hundreds share a batch's round trips (in the storm bench four in flight
-# made smaller batches and cost the worker and MariaDB ~1.5 s more of the storm's CPU). More
-# throughput comes from more expiry workers.
-MAX_CONCURRENT_BATCHES = 1
+# Batches in flight at once: enough to overlap one batch's commit with the next one's
+# collection without taking every connection of the pool.
+MAX_CONCURRENT_BATCHES = 4
 MAX_PUBLISHING_BATCHES = 8
 SWEEP_BATCH = 500
 # One sweep handles at most this many batches, so it never holds the reconciler lock for long;
@@ -93,9 +91,9 @@ class ExpiryBatcher:
 
     async def _collect(self) -> None:
         while True:
-            # Take the slot before forming the batch: while a batch is committing, ids pile up
-            # in the queue and the next batch takes them all. No added latency when idle, big
-            # batches under a storm.
+            # Take a slot before forming the batch: while every slot is busy committing, ids
+            # pile up in the queue and the next batch takes them all. No added latency when
+            # idle, big batches under a storm.
             await self._slots.acquire()
             try:
                 first = await self._queue.get()
