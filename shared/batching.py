@@ -4,11 +4,14 @@ everything that arrived together instead of one each."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+Owner = TypeVar("Owner")
 
 
 class Batcher(Generic[T, R]):
@@ -87,3 +90,36 @@ class Batcher(Generic[T, R]):
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
+
+
+class BatcherPerOwner(Generic[Owner, T, R]):
+    """One Batcher per owner (a Database, a Broker: so per process and pool), made on first use.
+
+    `flush(owner, items)` is given the owner, or None if it is gone (a request that outlived
+    its app): each caller decides what that means. Owners are held by weak reference, so a
+    batcher never keeps its own owner, and so its own entry, alive.
+    """
+
+    def __init__(
+        self,
+        flush: Callable[[Owner | None, list[T]], Awaitable[Sequence[R | BaseException]]],
+        *,
+        limit: int,
+        parallel: int = 1,
+        weight: Callable[[T], int] = lambda _: 1,
+        max_weight: int | None = None,
+    ) -> None:
+        self._flush = flush
+        self._new = partial(
+            Batcher[T, R], limit=limit, parallel=parallel, weight=weight, max_weight=max_weight
+        )
+        self._batchers: weakref.WeakKeyDictionary[Owner, Batcher[T, R]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def submit(self, owner: Owner, item: T) -> R:
+        batcher = self._batchers.get(owner)
+        if batcher is None:
+            ref = weakref.ref(owner)
+            batcher = self._batchers[owner] = self._new(lambda items: self._flush(ref(), items))
+        return await batcher.submit(item)

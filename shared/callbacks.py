@@ -17,18 +17,16 @@ from __future__ import annotations
 import json
 import random
 import secrets
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from functools import partial
 from typing import Any, TypeVar
 
 import aiomysql
 import structlog
 
 from schemas.messages import Command, DeliverCallback, DeliverCallbacks
-from shared.batching import Batcher
+from shared.batching import BatcherPerOwner
 from shared.broker import Broker, publish_all
 from shared.db import Database, Row, rerun_if_rolled_back, utcnow
 from shared.ids import new_event_id
@@ -99,29 +97,24 @@ async def publish_events(broker: Broker, event_ids: Sequence[str]) -> None:
         log.warning("callback.publish_deferred", count=len(failed), error=str(failed[0]))
 
 
-# Per broker (so per process): single events published at the same moment, coalesced.
-_coalescers: weakref.WeakKeyDictionary[Broker, Batcher[str, None]] = weakref.WeakKeyDictionary()
-
-
 async def publish_event(broker: Broker, event_id: str) -> None:
     """Publish one committed event, in one message with the others published at the same
     moment (concurrent requests' ADD events); like `publish_events`, never raises."""
-    coalescer = _coalescers.get(broker)
-    if coalescer is None:
-        # By weak reference: a coalescer holding its Broker would keep its own entry alive.
-        coalescer = _coalescers[broker] = Batcher(
-            partial(_publish_in, weakref.ref(broker)), limit=PUBLISH_BATCH, parallel=2
-        )
-    await coalescer.submit(event_id)
+    await _coalescers.submit(broker, event_id)
 
 
-async def _publish_in(broker: weakref.ref[Broker], event_ids: list[str]) -> list[None]:
-    alive = broker()
-    if alive is None:  # only if a request outlived its app's broker; the reconciler sends them
+async def _publish_in(broker: Broker | None, event_ids: list[str]) -> list[None]:
+    if broker is None:  # only if a request outlived its app's broker; the reconciler sends them
         log.warning("callback.publish_deferred", count=len(event_ids), error="broker closed")
     else:
-        await publish_events(alive, event_ids)
+        await publish_events(broker, event_ids)
     return [None] * len(event_ids)
+
+
+# Per broker (so per process): single events published at the same moment, coalesced.
+_coalescers: BatcherPerOwner[Broker, str, None] = BatcherPerOwner(
+    _publish_in, limit=PUBLISH_BATCH, parallel=2
+)
 
 
 def delivery_commands(event_ids: Sequence[str]) -> Iterator[tuple[Command, str]]:

@@ -13,11 +13,9 @@ import asyncio
 import hashlib
 import json
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any, Literal, cast
 
 import aiomysql
@@ -28,7 +26,7 @@ from schemas.api_keys import iso_utc
 from schemas.messages import ExpireTask, ExpireTasks, Timer
 from schemas.tasks import TaskCallback, TaskEvent, TaskStatus
 from shared import metrics
-from shared.batching import Batcher
+from shared.batching import BatcherPerOwner
 from shared.broker import Broker, BrokerUnavailable, publish_all
 from shared.callbacks import NewEvent, publish_event, publish_events, record_events
 from shared.db import Database, DatabaseUnavailable, Row, rerun_if_rolled_back, utcnow
@@ -233,36 +231,27 @@ async def publish_timer(broker: Broker, task_id: str, due_at_ms: int) -> None:
     await publish_timers(broker, [Timer(task_id=task_id, due_at_ms=due_at_ms)])
 
 
-# Per broker (so per process): timers of adds answered at the same moment, coalesced.
-_timer_coalescers: weakref.WeakKeyDictionary[Broker, Batcher[Timer, None]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 async def _schedule(broker: Broker, task_id: str, due_at_ms: int) -> None:
     """A committed task's timer, in one message with the timers of the adds committed with it;
     a failure is left to the reconciler's sweep."""
-    coalescer = _timer_coalescers.get(broker)
-    if coalescer is None:
-        # By weak reference: a coalescer holding its Broker would keep its own entry alive.
-        coalescer = _timer_coalescers[broker] = Batcher(
-            partial(_schedule_in, weakref.ref(broker)),
-            limit=ExpireTasks.MAX_TIMERS,
-            parallel=2,
-        )
-    await coalescer.submit(Timer(task_id=task_id, due_at_ms=due_at_ms))
+    await _timer_coalescers.submit(broker, Timer(task_id=task_id, due_at_ms=due_at_ms))
 
 
-async def _schedule_in(broker: weakref.ref[Broker], timers: list[Timer]) -> list[None]:
-    alive = broker()
+async def _schedule_in(broker: Broker | None, timers: list[Timer]) -> list[None]:
     try:
-        if alive is None:  # only if a request outlived its app's broker
+        if broker is None:  # only if a request outlived its app's broker
             raise BrokerUnavailable("broker closed")
-        await publish_timers(alive, timers)
+        await publish_timers(broker, timers)
     except BrokerUnavailable as exc:
         metrics.TASK_TIMER_PUBLISH_FAILED.inc(len(timers))
         log.warning("task.timer_deferred", count=len(timers), error=str(exc))
     return [None] * len(timers)
+
+
+# Per broker (so per process): timers of adds answered at the same moment, coalesced.
+_timer_coalescers: BatcherPerOwner[Broker, Timer, None] = BatcherPerOwner(
+    _schedule_in, limit=ExpireTasks.MAX_TIMERS, parallel=2
+)
 
 
 # ----------------------------------------------------------------------------- add
@@ -301,31 +290,19 @@ class _Stored:
     event_id: str | None  # None for an idempotent replay (nothing new to publish)
 
 
-# One batcher per Database, so per process (and per pool): the batches of a gateway.
-_AddBatcher = Batcher[_NewTask, _Stored]
-_batchers: weakref.WeakKeyDictionary[Database, _AddBatcher] = weakref.WeakKeyDictionary()
-
-
-def _batcher(db: Database) -> _AddBatcher:
-    batcher = _batchers.get(db)
-    if batcher is None:
-        # By weak reference: a batcher holding its Database would keep its own entry alive.
-        batcher = _batchers[db] = Batcher(
-            partial(_store_in, weakref.ref(db)),
-            limit=ADD_BATCH_LIMIT,
-            weight=lambda new: new.weight,
-            max_weight=ADD_BATCH_BYTES,
-        )
-    return batcher
-
-
-async def _store_in(
-    db: weakref.ref[Database], batch: list[_NewTask]
-) -> list[_Stored | BaseException]:
-    database = db()
-    if database is None:  # only if a request outlived its app's database
+async def _store_in(db: Database | None, batch: list[_NewTask]) -> list[_Stored | BaseException]:
+    if db is None:  # only if a request outlived its app's database
         raise DatabaseUnavailable("the database was closed")
-    return await _store(database, batch)
+    return await _store(db, batch)
+
+
+# One batcher per Database, so per process (and per pool): the batches of a gateway.
+_batchers: BatcherPerOwner[Database, _NewTask, _Stored] = BatcherPerOwner(
+    _store_in,
+    limit=ADD_BATCH_LIMIT,
+    weight=lambda new: new.weight,
+    max_weight=ADD_BATCH_BYTES,
+)
 
 
 async def add_task(
@@ -362,7 +339,7 @@ async def add_task(
         created_at=now,
         event=_event(key_id, task_id, due, "ADD", data),
     )
-    stored = await _batcher(db).submit(new)
+    stored = await _batchers.submit(db, new)
     if stored.event_id is None:
         return stored.added
     metrics.TASKS.labels("added").inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import re
 import time
@@ -15,6 +16,7 @@ from cryptography.exceptions import InvalidTag
 
 from schemas.messages import ExpireTask, ExpireTasks, Timer
 from shared import crypto, ids
+from shared.batching import BatcherPerOwner
 from shared.clock import sleep_until
 from shared.durations import DurationError, expiry_after
 from shared.logs import _redact
@@ -243,3 +245,30 @@ def test_a_message_carries_at_most_max_timers() -> None:
     sizes = [len(c.timers) if isinstance(c, ExpireTasks) else 1 for c, _, _ in messages]
     assert sizes == [ExpireTasks.MAX_TIMERS, 1]
     assert {delay for _, delay, _ in messages} == {5_000}
+
+
+def test_batcher_per_owner_keeps_one_batcher_per_owner_and_never_its_owner_alive() -> None:
+    class Owner:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    flushed: list[tuple[str, list[int]]] = []
+
+    async def flush(owner: Owner | None, items: list[int]) -> list[int]:
+        flushed.append((owner.name if owner else "gone", items))
+        return [i * 10 for i in items]
+
+    per_owner: BatcherPerOwner[Owner, int, int] = BatcherPerOwner(flush, limit=10)
+
+    async def scenario() -> list[int]:
+        a, b = Owner("a"), Owner("b")
+        answers = await asyncio.gather(
+            per_owner.submit(a, 1), per_owner.submit(b, 2), per_owner.submit(a, 3)
+        )
+        del a, b
+        gc.collect()
+        assert len(per_owner._batchers) == 0  # the owners were not kept alive by their batchers
+        return answers
+
+    assert asyncio.run(scenario()) == [10, 20, 30]
+    assert sorted(flushed) == [("a", [1, 3]), ("b", [2])]
