@@ -448,6 +448,26 @@ async def test_idempotency_key(client: Client, make_key: Any) -> None:
     assert len(set(plain)) == 2
 
 
+async def test_idempotency_keys_and_task_ids_are_case_sensitive(
+    client: Client, make_key: Any
+) -> None:
+    """Keys and ids compare byte for byte (the columns' collation was ascii_general_ci once)."""
+    key = await make_key()
+    when = in_ms(3_600_000)
+    suffix = secrets.token_hex(4)
+    upper = await add(client, key, when, headers={"Idempotency-Key": f"Order-A-{suffix}"})
+    lower = await add(client, key, when, headers={"Idempotency-Key": f"order-a-{suffix}"})
+    assert upper["taskId"] != lower["taskId"]
+
+    task_id = upper["taskId"]
+    other_case = task_id.swapcase()
+    assert other_case != task_id  # the ids are mixed-case base62
+    for path in ("/server/queue/get", "/server/queue/remove"):
+        resp = await client.post(path, json={"queue_id": other_case}, headers=key["headers"])
+        assert resp.status == 404, path
+    assert (await task_row(db_of(client), task_id))["status"] == "PENDING"
+
+
 async def test_concurrent_adds_each_keep_their_own_data(client: Client, make_key: Any) -> None:
     """Adds that share a batch (one transaction) must not lose or swap rows or events."""
     key = await make_key()
