@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_serializer, field_validator
 
 from schemas.api_keys import iso_utc
-from schemas.common import Body, Ok
+from schemas.common import Body, JsonObject, Ok
 
 TaskStatus = Literal["PENDING", "EXPIRED", "REMOVED"]
 TaskEvent = Literal["ADD", "REMOVE", "EXPIRED"]
@@ -39,7 +39,7 @@ def parse_expiry(value: Any) -> datetime:
 
 
 class AddTask(Body):
-    data: dict[str, Any] = Field(description="A JSON object, sent back in every callback")
+    data: JsonObject = Field(description="A JSON object, sent back in every callback")
     expiryDate: datetime = Field(  # the contract's field name
         description=f"When the task expires: {EXPIRY_RULE}. A past time expires at once; "
         "at most 10 years ahead."

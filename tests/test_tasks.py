@@ -468,6 +468,18 @@ async def test_idempotency_keys_and_task_ids_are_case_sensitive(
     assert (await task_row(db_of(client), task_id))["status"] == "PENDING"
 
 
+async def test_data_is_kept_exactly_with_its_keys_as_sent(client: Client, make_key: Any) -> None:
+    """The request bodies' whitespace stripping must not reach the client's own object."""
+    key = await make_key()
+    data = {" padded ": " value ", "padded": 1, "nested": {" inner ": [" x "]}}
+    task_id = (await add(client, key, in_ms(3_600_000), data))["taskId"]
+    assert json.loads((await task_row(db_of(client), task_id))["data"]) == data
+    resp = await client.post(
+        "/server/queue/get", json={"queue_id": task_id}, headers=key["headers"]
+    )
+    assert (await resp.json())["data"] == data
+
+
 async def test_concurrent_adds_each_keep_their_own_data(client: Client, make_key: Any) -> None:
     """Adds that share a batch (one transaction) must not lose or swap rows or events."""
     key = await make_key()
