@@ -114,7 +114,8 @@ def timeline(second: int, rows: list[dict[str, Any]], receipts: list[float]) -> 
     got = Counter(int(at - second) for at in receipts)
     last = max([s for s, _ in fired] + list(got), default=0)
     return " ".join(
-        f"{s}:{fired[s, 'timer']}/{fired[s, 'reconciler']},{got[s]}" for s in range(last + 1)
+        f"{s}:{fired[s, 'timer']}/{fired[s, 'scan']}/{fired[s, 'reconciler']},{got[s]}"
+        for s in range(last + 1)
     )
 
 
@@ -170,7 +171,7 @@ async def main() -> None:
             f" {sum(n - 1 for n in per_task.values())},"
             f" fired by {dict(Counter(r['fired_by'] for r in rows))}"
         )
-        print("  per second after the due second began: fired (timer/reconciler), received")
+        print("  per second after the due second began: fired (timer/scan/reconciler), received")
         print("    " + timeline(second, rows, receipts=[a.at for a in expired]))
         print("  CPU per second from 1 s before the due second (% of one core):")
         print(textwrap.indent(meter.timeline(), "    "))

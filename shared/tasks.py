@@ -46,7 +46,9 @@ MAX_YEARS_AHEAD = 10
 # DATETIME's range starts at year 1000; nothing sensible expires before the epoch anyway.
 EARLIEST_EXPIRY = datetime(1970, 1, 1)
 
-FiredBy = Literal["timer", "reconciler"]
+# Which path expired a task: its own timer; the expiry worker's due scan (due, its timer still
+# in the cascade); or the reconciler's sweep (overdue by the grace: its timer was lost).
+FiredBy = Literal["timer", "scan", "reconciler"]
 
 _TASK_COLUMNS = (
     "id, task_id, api_key_id, data, expire_at, status, created_at, expired_at, removed_at"

@@ -125,7 +125,7 @@ async def test_rabbitmq_restart_with_tasks_pending(
 
     await eventually(after_fired, 5, "a task added after the restart to expire on time")
     row = await db.fetchone("SELECT fired_by FROM tasks WHERE task_id = %s", (after,))
-    assert row == {"fired_by": "timer"}
+    assert row is not None and row["fired_by"] in ("timer", "scan")  # not the reconciler
 
 
 # ----------------------------------------------------------------------------- worker killed

@@ -150,7 +150,7 @@ class ExpiryBatcher:
             await fire_due_tasks(
                 self._ctx,
                 grace=timedelta(0),
-                source="timer",
+                source="scan",
                 batch=self._size,
                 publish=self._publish,
                 stopping=lambda: self._stopping,
