@@ -26,6 +26,11 @@ _ERRORS: dict[type[tasks.TaskError], tuple[int, str]] = {
 }
 
 
+# The contract's code for a task that cannot be removed: clients of the original match on it.
+# The original knew only "does not exist"; `reason` tells which of ours it was.
+REMOVE_REFUSED = "QUE001_90012"
+
+
 def _api_error(exc: tasks.TaskError, **extra: object) -> ApiError:
     status, code = _ERRORS[type(exc)]
     return ApiError(status, str(exc), code, **extra)
@@ -37,7 +42,7 @@ def _api_error(exc: tasks.TaskError, **extra: object) -> ApiError:
     role=Role.CLIENT,
     body=AddTask,
     response=AddedTask,
-    summary="Add a task; it is called back at the key's return_api on ADD and EXPIRED "
+    summary="Add a task; it is called back at the key's return_api on ADD, EXPIRED and REMOVE "
     "(optional Idempotency-Key header: a retry with the same key and body returns the same "
     "taskId)",
     tag=TAG,
@@ -65,7 +70,8 @@ async def add_task(request: web.Request, body: AddTask) -> AddedTask:
     role=Role.CLIENT,
     body=TaskRef,
     response=RemovedTask,
-    summary="Remove a pending task (404 if unknown, another key's, expired or removed)",
+    summary="Remove a pending task (404 `QUE001_90012`, the original's code, if unknown, "
+    "another key's, expired or removed; `reason` says which)",
     tag=TAG,
     errors=(404, 422),
 )
@@ -77,6 +83,9 @@ async def remove_task(request: web.Request, body: TaskRef) -> RemovedTask:
             key_id=client_key(request).id,
             task_id=body.queue_id,
         )
+    except (tasks.TaskNotFound, tasks.TaskNotPending) as exc:
+        _, reason = _ERRORS[type(exc)]
+        raise ApiError(404, str(exc), REMOVE_REFUSED, removed=False, reason=reason) from exc
     except tasks.TaskError as exc:
         raise _api_error(exc, removed=False) from exc
     return RemovedTask()
