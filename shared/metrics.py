@@ -40,7 +40,7 @@ TASK_EXPIRY_LATENESS = Histogram(
 TASKS = Counter("qs_tasks_total", "Task state changes", ["event"])
 TASK_TIMER_PUBLISH_FAILED = Counter(
     "qs_task_timer_publish_failed_total",
-    "Timer publishes not confirmed (the reconciler fires those tasks after the grace period)",
+    "Timer publishes not confirmed (recorded as unsent; the reconciler re-publishes them)",
 )
 
 # --- email ---------------------------------------------------------------------------------

@@ -238,13 +238,21 @@ async def publish_timer(broker: Broker, task_id: str, due_at_ms: int) -> None:
     await publish_timers(broker, [Timer(task_id=task_id, due_at_ms=due_at_ms)])
 
 
-async def _schedule(broker: Broker, task_id: str, due_at_ms: int) -> None:
-    """A committed task's timer, in one message with the timers of the adds committed with it;
-    a failure is left to the reconciler's sweep."""
-    await _timer_coalescers.submit(broker, Timer(task_id=task_id, due_at_ms=due_at_ms))
+async def _schedule(db: Database, broker: Broker, task_id: str, due_at_ms: int) -> None:
+    """A committed task's timer, in one message with the timers of the adds committed with it.
+
+    A timer the broker did not take is recorded as unsent; the reconciler re-publishes it
+    (`republish_unsent_timers`), so the task still fires on time once the broker is back. If
+    even that record fails, or the process dies before the confirm, the task sweep fires the
+    task `TASK_SWEEP_GRACE_SECONDS` late.
+    """
+    try:
+        await _timer_coalescers.submit(broker, Timer(task_id=task_id, due_at_ms=due_at_ms))
+    except BrokerUnavailable:
+        await _unsent_recorders.submit(db, task_id)
 
 
-async def _schedule_in(broker: Broker | None, timers: list[Timer]) -> list[None]:
+async def _schedule_in(broker: Broker | None, timers: list[Timer]) -> list[BaseException | None]:
     try:
         if broker is None:  # only if a request outlived its app's broker
             raise BrokerUnavailable("broker closed")
@@ -252,12 +260,56 @@ async def _schedule_in(broker: Broker | None, timers: list[Timer]) -> list[None]
     except BrokerUnavailable as exc:
         metrics.TASK_TIMER_PUBLISH_FAILED.inc(len(timers))
         log.warning("task.timer_deferred", count=len(timers), error=str(exc))
+        return [exc] * len(timers)
     return [None] * len(timers)
+
+
+async def _record_unsent(db: Database | None, task_ids: list[str]) -> list[None]:
+    try:
+        if db is None:
+            raise DatabaseUnavailable("database closed")
+        rows = ", ".join(["(%s)"] * len(task_ids))
+        await db.execute(
+            f"INSERT IGNORE INTO task_timers_unsent (task_id) VALUES {rows}",  # noqa: S608
+            task_ids,
+        )
+    except (DatabaseUnavailable, pymysql.err.MySQLError) as exc:
+        log.warning("task.unsent_not_recorded", count=len(task_ids), error=str(exc))
+    return [None] * len(task_ids)
+
+
+async def unsent_timers(db: Database, *, limit: int) -> tuple[list[Timer], list[str]]:
+    """Recorded unsent timers, oldest first: those of tasks still PENDING (to re-publish), and
+    every id read (to forget once they are published)."""
+    rows = await db.fetchall(
+        "SELECT u.task_id, t.expire_at, t.status FROM task_timers_unsent u"
+        " LEFT JOIN tasks t ON t.task_id = u.task_id ORDER BY u.recorded_at LIMIT %s",
+        (limit,),
+    )
+    timers = [
+        Timer(task_id=row["task_id"], due_at_ms=epoch_ms(row["expire_at"]))
+        for row in rows
+        if row["status"] == "PENDING"
+    ]
+    return timers, [row["task_id"] for row in rows]
+
+
+async def forget_unsent(db: Database, task_ids: Sequence[str]) -> None:
+    if task_ids:
+        marks = _placeholders(len(task_ids))
+        await db.execute(
+            f"DELETE FROM task_timers_unsent WHERE task_id IN ({marks})",  # noqa: S608
+            task_ids,
+        )
 
 
 # Per broker (so per process): timers of adds answered at the same moment, coalesced.
 _timer_coalescers: BatcherPerOwner[Broker, Timer, None] = BatcherPerOwner(
     _schedule_in, limit=ExpireTasks.MAX_TIMERS, parallel=2
+)
+# Per database: unsent timers recorded together (a broker outage fails every add's publish).
+_unsent_recorders: BatcherPerOwner[Database, str, None] = BatcherPerOwner(
+    _record_unsent, limit=ExpireTasks.MAX_TIMERS
 )
 
 
@@ -350,12 +402,14 @@ async def add_task(
     if stored.event_id is None:
         return stored.added
     metrics.TASKS.labels("added").inc()
-    await broker.detach(_publish_added(broker, task_id, epoch_ms(due), stored.event_id))
+    await broker.detach(_publish_added(db, broker, task_id, epoch_ms(due), stored.event_id))
     return stored.added
 
 
-async def _publish_added(broker: Broker, task_id: str, due_at_ms: int, event_id: str) -> None:
-    await asyncio.gather(_schedule(broker, task_id, due_at_ms), publish_event(broker, event_id))
+async def _publish_added(
+    db: Database, broker: Broker, task_id: str, due_at_ms: int, event_id: str
+) -> None:
+    await asyncio.gather(_schedule(db, broker, task_id, due_at_ms), publish_event(broker, event_id))
 
 
 async def _store(db: Database, batch: list[_NewTask]) -> list[_Stored | BaseException]:

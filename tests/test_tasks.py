@@ -30,7 +30,7 @@ import pymysql
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AMQP_BASE, db_rows, start_service
+from conftest import AMQP_BASE, db_rows, eventually, start_service
 from pydantic import SecretStr
 from receiver import Receiver
 
@@ -43,7 +43,7 @@ from shared.broker import Broker, Publish, write_confirmed
 from shared.db import Database, utcnow
 from shared.ids import new_record_id
 from shared.settings import Settings
-from workers.reconciler import Reconciler
+from workers.reconciler import Reconciler, lock_name
 from workers.registry import WORKERS
 from workers.runtime import Context
 
@@ -858,6 +858,48 @@ async def test_reconciler_fires_a_task_whose_timer_was_never_published(
         "event": "EXPIRED",
         "data": {"lost": True},
     }
+
+
+@contextlib.asynccontextmanager
+async def reconciler_paused(db: Database, settings: Settings) -> AsyncIterator[None]:
+    """Hold the reconciler's lock: the service's reconciler stands by until the block ends."""
+    while True:
+        async with db.named_lock(lock_name(settings)) as held:
+            if held:
+                yield
+                return
+        await asyncio.sleep(0.05)
+
+
+async def test_a_timer_the_broker_refused_is_re_published_and_fires_on_time(
+    client: Client, make_key: Any, settings: Settings
+) -> None:
+    """An add whose timer publish fails (here: its broker is closed) is recorded as unsent; the
+    reconciler re-publishes it, and the task fires by its timer, on time, not by the sweep."""
+    key = await make_key()
+    db = db_of(client)
+    assert settings.TASK_SWEEP_GRACE_SECONDS >= 8
+    down = await Broker.connect(settings)
+    await down.close()
+    unsent = "SELECT task_id FROM task_timers_unsent WHERE task_id = %s"
+    async with reconciler_paused(db, settings):
+        added = await tasks.add_task(
+            db,
+            down,
+            key_id=await key_id_of(db, key),
+            data={"refused": True},
+            expire_at=in_ms(2_000),
+            max_data_bytes=settings.TASK_MAX_DATA_BYTES,
+        )
+
+        async def recorded() -> bool:
+            return await db.fetchone(unsent, (added.task_id,)) is not None
+
+        await eventually(recorded, 2, "the refused timer to be recorded as unsent")
+    row = await wait_status(db, added.task_id, "EXPIRED", timeout=8)
+    assert row["fired_by"] in BY_EXPIRY_WORKER  # re-published: not left to the sweep
+    assert 0 <= (row["expired_at"] - row["expire_at"]).total_seconds() < 1
+    assert await db.fetchone(unsent, (added.task_id,)) is None
 
 
 async def test_an_arriving_timer_also_fires_tasks_already_due_without_their_own(

@@ -257,6 +257,16 @@ async def sweep_overdue_tasks(ctx: Context) -> int:
     )
 
 
+async def republish_unsent_timers(ctx: Context) -> int:
+    """Re-publish the timers the broker did not take at add time (recorded as unsent), so their
+    tasks fire on time once the broker is back; BrokerUnavailable leaves them for next time."""
+    timers, read = await tasks.unsent_timers(ctx.db, limit=SWEEP_BATCH * SWEEP_MAX_BATCHES)
+    if timers:
+        await tasks.publish_timers(ctx.broker, timers)
+    await tasks.forget_unsent(ctx.db, read)
+    return len(timers)
+
+
 async def fire_due_tasks(
     ctx: Context,
     *,

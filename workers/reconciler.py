@@ -40,11 +40,12 @@ def registered_sweeps() -> dict[str, Sweep]:
     """Every concern's sweep, by name (imported here so the registry has one home)."""
     from workers.callbacks import sweep_overdue
     from workers.email import sweep_emails
-    from workers.expiry import sweep_overdue_tasks
+    from workers.expiry import republish_unsent_timers, sweep_overdue_tasks
     from workers.ses_events import sweep_sns_messages
 
     return {
         "tasks": sweep_overdue_tasks,
+        "task-timers": republish_unsent_timers,
         "callbacks": sweep_overdue,
         "emails": sweep_emails,
         "ses-events": sweep_sns_messages,
@@ -58,7 +59,8 @@ def sweep_intervals(settings: Settings) -> dict[str, float]:
     second path. Quorum queues dead-letter a burst of timers due together at ~1,000 a second
     per level, while MySQL fires thousands of overdue rows a second in batches.
     """
-    return {"tasks": min(settings.TASK_SWEEP_INTERVAL_SECONDS, settings.RECONCILE_INTERVAL_SECONDS)}
+    every = min(settings.TASK_SWEEP_INTERVAL_SECONDS, settings.RECONCILE_INTERVAL_SECONDS)
+    return {"tasks": every, "task-timers": every}
 
 
 class Reconciler:
