@@ -420,7 +420,7 @@ async def _store(db: Database, batch: list[_NewTask]) -> list[_Stored | BaseExce
     request sees the error (a duplicate Idempotency-Key, or anything else one row can cause).
     """
     try:
-        event_ids = await _insert(db, batch)
+        event_ids = await rerun_if_rolled_back(lambda: _insert(db, batch))
     except Exception as exc:
         if isinstance(exc, DatabaseUnavailable):
             return [exc] * len(batch)  # every request answers 503
@@ -490,6 +490,12 @@ async def _replay(db: Database, key_id: int, idempotency_key: str, fingerprint: 
 
 async def remove_task(db: Database, broker: Broker, *, key_id: int, task_id: str) -> None:
     """PENDING -> REMOVED with its REMOVE event; the timer message is dropped when it arrives."""
+    event_ids = await rerun_if_rolled_back(lambda: _remove(db, key_id, task_id))
+    metrics.TASKS.labels("removed").inc()
+    await publish_events(broker, event_ids)
+
+
+async def _remove(db: Database, key_id: int, task_id: str) -> list[str]:
     async with db.transaction() as cur:
         await cur.execute(
             f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = %s AND api_key_id = %s"  # noqa: S608 - constant column list
@@ -506,9 +512,7 @@ async def remove_task(db: Database, broker: Broker, *, key_id: int, task_id: str
             (REMOVED, utcnow(), row["id"]),
         )
         event = _event(key_id, task_id, row["expire_at"], "REMOVE", json.loads(row["data"]))
-        event_ids = await record_events(cur, [event])
-    metrics.TASKS.labels("removed").inc()
-    await publish_events(broker, event_ids)
+        return await record_events(cur, [event])
 
 
 def _task(row: Row) -> Task:

@@ -40,7 +40,7 @@ from schemas.messages import ExpireTask, ExpireTasks, Timer
 from shared import tasks
 from shared.batching import Batcher
 from shared.broker import Broker, Publish, write_confirmed
-from shared.db import Database, utcnow
+from shared.db import Database, rerun_if_rolled_back, utcnow
 from shared.ids import new_record_id
 from shared.settings import Settings
 from workers.reconciler import Reconciler, lock_name
@@ -967,6 +967,33 @@ async def test_batches_and_due_scans_at_once_never_deadlock_and_fire_each_task_o
         ids,
     )
     assert counted is not None and counted["n"] == 1200  # one EXPIRED event each
+
+
+async def test_a_deadlock_victim_is_run_again(client: Client, make_key: Any) -> None:
+    """Two transactions lock two rows in opposite orders: InnoDB rolls one back (1213), and
+    `rerun_if_rolled_back` (around adds, removes, expiry batches) runs it again."""
+    db = db_of(client)
+    key_id = await key_id_of(db, await make_key())
+    first, second = await insert_pending(db, key_id, in_ms(3_600_000), count=2)
+    runs: Counter[str] = Counter()
+    both_hold_one = asyncio.Barrier(2)
+
+    async def lock_both(name: str, order: tuple[str, str]) -> None:
+        runs[name] += 1
+        async with db.transaction() as cur:
+            await cur.execute("SELECT id FROM tasks WHERE task_id = %s FOR UPDATE", (order[0],))
+            if runs[name] == 1:  # both hold their first row before either asks for its second
+                await both_hold_one.wait()
+            await cur.execute("SELECT id FROM tasks WHERE task_id = %s FOR UPDATE", (order[1],))
+
+    await asyncio.wait_for(
+        asyncio.gather(
+            rerun_if_rolled_back(lambda: lock_both("a", (first, second))),
+            rerun_if_rolled_back(lambda: lock_both("b", (second, first))),
+        ),
+        20,
+    )
+    assert sorted(runs.values()) == [1, 2]  # one victim, run again; both finished
 
 
 async def test_read_committed_applies_to_that_transaction_only(client: Client) -> None:
