@@ -118,8 +118,8 @@ _EPOCH = datetime(1970, 1, 1)
 
 
 def epoch_ms(naive_utc: datetime) -> int:
-    # Integer arithmetic: through a float timestamp, about one time in eighty comes out 1 ms
-    # low, and its timer would fire the task 1 ms early.
+    # Integer arithmetic: through a float timestamp some times come out 1 ms low (about a fifth
+    # of those in 2038-2039, within the 10-year limit from 2028), and the timer fired 1 ms early.
     return (naive_utc - _EPOCH) // timedelta(milliseconds=1)
 
 
@@ -218,8 +218,17 @@ def timer_messages(
     return messages
 
 
+class TimersNotPublished(BrokerUnavailable):
+    """Some of the timers' messages were not taken; `timers` are those (the others were)."""
+
+    def __init__(self, cause: BrokerUnavailable, timers: Sequence[Timer]) -> None:
+        super().__init__(str(cause))
+        self.timers = list(timers)
+
+
 async def publish_timers(broker: Broker, timers: Sequence[Timer]) -> None:
-    """Schedule the timers (confirmed); BrokerUnavailable if any message was not taken.
+    """Schedule the timers (confirmed); TimersNotPublished names those whose message was not
+    taken (several timers share a message; one message can fail while the others arrive).
 
     A delay beyond one pass of the cascade arrives early by more, and is re-published.
     """
@@ -228,9 +237,18 @@ async def publish_timers(broker: Broker, timers: Sequence[Timer]) -> None:
         broker.publish(command, delay_ms=delay, message_id=message_id)
         for command, delay, message_id in messages
     )
-    failed = [r for r in results if r is not None]
+    failed = [
+        (error, command) for error, (command, _, _) in zip(results, messages, strict=True) if error
+    ]
     if failed:
-        raise failed[0]
+        lost = [t for _, command in failed for t in _timers_of(command)]
+        raise TimersNotPublished(failed[0][0], lost)
+
+
+def _timers_of(command: ExpireTask | ExpireTasks) -> tuple[Timer, ...]:
+    if isinstance(command, ExpireTasks):
+        return command.timers
+    return (Timer(task_id=command.task_id, due_at_ms=command.due_at_ms),)
 
 
 async def publish_timer(broker: Broker, task_id: str, due_at_ms: int) -> None:
@@ -255,12 +273,13 @@ async def _schedule(db: Database, broker: Broker, task_id: str, due_at_ms: int) 
 async def _schedule_in(broker: Broker | None, timers: list[Timer]) -> list[BaseException | None]:
     try:
         if broker is None:  # only if a request outlived its app's broker
-            raise BrokerUnavailable("broker closed")
+            raise TimersNotPublished(BrokerUnavailable("broker closed"), timers)
         await publish_timers(broker, timers)
-    except BrokerUnavailable as exc:
-        metrics.TASK_TIMER_PUBLISH_FAILED.inc(len(timers))
-        log.warning("task.timer_deferred", count=len(timers), error=str(exc))
-        return [exc] * len(timers)
+    except TimersNotPublished as exc:
+        lost = {t.task_id for t in exc.timers}
+        metrics.TASK_TIMER_PUBLISH_FAILED.inc(len(lost))
+        log.warning("task.timer_deferred", count=len(lost), error=str(exc))
+        return [exc if t.task_id in lost else None for t in timers]
     return [None] * len(timers)
 
 

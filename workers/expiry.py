@@ -259,12 +259,16 @@ async def sweep_overdue_tasks(ctx: Context) -> int:
 
 async def republish_unsent_timers(ctx: Context) -> int:
     """Re-publish the timers the broker did not take at add time (recorded as unsent), so their
-    tasks fire on time once the broker is back; BrokerUnavailable leaves them for next time."""
+    tasks fire on time once the broker is back; those it still refuses stay for next time."""
     timers, read = await tasks.unsent_timers(ctx.db, limit=SWEEP_BATCH * SWEEP_MAX_BATCHES)
-    if timers:
+    refused: set[str] = set()
+    try:
         await tasks.publish_timers(ctx.broker, timers)
-    await tasks.forget_unsent(ctx.db, read)
-    return len(timers)
+    except tasks.TimersNotPublished as exc:
+        refused = {t.task_id for t in exc.timers}
+        log.warning("task.timers_still_unsent", count=len(refused), error=str(exc))
+    await tasks.forget_unsent(ctx.db, [task_id for task_id in read if task_id not in refused])
+    return len(timers) - len(refused)
 
 
 async def fire_due_tasks(
