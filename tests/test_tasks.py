@@ -39,7 +39,7 @@ from gateway.app_keys import BROKER, DB
 from schemas.messages import ExpireTask, ExpireTasks, Timer
 from shared import tasks
 from shared.batching import Batcher
-from shared.broker import Broker, Publish, write_confirmed
+from shared.broker import Broker, BrokerUnavailable, Publish, write_confirmed
 from shared.db import Database, rerun_if_rolled_back, utcnow
 from shared.ids import new_record_id
 from shared.settings import Settings
@@ -1048,6 +1048,28 @@ async def test_the_task_sweep_runs_on_its_own_shorter_interval(
     # The session's own reconciler may hold the lock at a moment: counts, not exact timings.
     assert runs["tasks"] >= 3
     assert runs["emails"] <= 1
+
+
+async def test_a_failing_sweep_does_not_keep_the_others_from_running(
+    client: Client, settings: Settings
+) -> None:
+    ran: list[str] = []
+
+    async def refused(_: Context) -> int:
+        raise tasks.TimersNotPublished(BrokerUnavailable("refused"), [])
+
+    async def broken(_: Context) -> int:
+        raise RuntimeError("a bad row")
+
+    async def fine(_: Context) -> int:
+        ran.append("fine")
+        return 1
+
+    ctx = Context(settings, db_of(client), client.app[BROKER])
+    reconciler = Reconciler(ctx, sweeps={"refused": refused, "broken": broken, "fine": fine})
+    while (done := await reconciler.run_once()) is None:
+        await asyncio.sleep(0.05)  # the session's own reconciler holds the lock for a moment
+    assert done == {"fine": 1} and ran == ["fine"]
 
 
 async def test_openapi_documents_the_task_routes(client: Client) -> None:

@@ -99,7 +99,16 @@ class Reconciler:
             for name, sweep in self._sweeps.items():
                 if names is not None and name not in names:
                     continue
-                done[name] = await sweep(self._ctx)
+                # One sweep's failure (its broker refusing, a bad row) must not keep the others
+                # from running: each is tried on every run.
+                try:
+                    done[name] = await sweep(self._ctx)
+                except (DatabaseUnavailable, BrokerUnavailable) as exc:
+                    log.warning("reconciler.dependency_down", sweep=name, error=str(exc))
+                    continue
+                except Exception:
+                    log.exception("reconciler.sweep_failed", sweep=name)
+                    continue
                 if done[name]:
                     log.info("reconciler.swept", sweep=name, count=done[name])
             return done
