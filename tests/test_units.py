@@ -248,8 +248,8 @@ def test_a_message_carries_at_most_max_timers() -> None:
 
 
 def test_epoch_ms_is_exact_for_every_millisecond() -> None:
-    """A timer carries epoch_ms of the row's expire_at: through a float timestamp about one
-    time in eighty came out 1 ms low, and the task fired 1 ms early."""
+    """A timer carries epoch_ms of the row's expire_at: through a float timestamp some times
+    (many in 2038-2039) came out 1 ms low, and the task fired 1 ms early."""
     assert epoch_ms(datetime(2039, 5, 18, 23, 10, 33, 88_000)) == 2_189_373_033_088
     rng = random.Random(4)
     for _ in range(20_000):
