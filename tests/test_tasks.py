@@ -1006,6 +1006,45 @@ async def test_a_deadlock_victim_is_run_again(client: Client, make_key: Any) -> 
     assert sorted(runs.values()) == [1, 2]  # one victim, run again; both finished
 
 
+class _RollBack(Exception):
+    """Ends a test's transaction with a rollback: its scratch rows must not stay."""
+
+
+async def test_a_remove_picked_as_a_deadlock_victim_runs_again(
+    client: Client, make_key: Any
+) -> None:
+    """A remove that InnoDB rolls back for a deadlock is run again instead of answering 500."""
+    db, broker = db_of(client), client.app[BROKER]
+    key_id = await key_id_of(db, await make_key())
+    [task_id] = await insert_pending(db, key_id, in_ms(3_600_000))
+    far = tasks.to_db_time(in_ms(7_200_000))
+    newest = await db.fetchone("SELECT COALESCE(MAX(id), 0) AS id FROM callback_events")
+    assert newest is not None
+    with contextlib.suppress(_RollBack):
+        async with db.transaction() as cur:
+            # Heavier than the remove, so that InnoDB picks the remove as the victim.
+            await cur.executemany(
+                "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"
+                " VALUES (%s, %s, '{}', %s, %s)",
+                [(new_record_id(), key_id, far, utcnow()) for _ in range(200)],
+            )
+            # The gap after the newest event: the remove's event insert waits on it.
+            await cur.execute(
+                "SELECT id FROM callback_events WHERE id > %s FOR UPDATE", (newest["id"],)
+            )
+            removing = asyncio.create_task(
+                tasks.remove_task(db, broker, key_id=key_id, task_id=task_id)
+            )
+            await asyncio.sleep(0.5)  # it holds the task's row and waits for the gap
+            assert not removing.done()
+            # Now each waits for the other: InnoDB rolls the remove back (1213).
+            await cur.execute("SELECT id FROM tasks WHERE task_id = %s FOR UPDATE", (task_id,))
+            raise _RollBack
+    await asyncio.wait_for(removing, 10)  # run again once this transaction let go
+    assert (await task_row(db, task_id))["status"] == "REMOVED"
+    assert [e["event_type"] for e in await events(db, task_id)] == ["task.removed"]
+
+
 async def test_read_committed_applies_to_that_transaction_only(client: Client) -> None:
     """The due scan's transaction runs at READ COMMITTED; the pool's others stay as they were."""
     db = db_of(client)
