@@ -1045,6 +1045,46 @@ async def test_a_remove_picked_as_a_deadlock_victim_runs_again(
     assert [e["event_type"] for e in await events(db, task_id)] == ["task.removed"]
 
 
+async def test_an_add_picked_as_a_deadlock_victim_runs_again(
+    client: Client, make_key: Any, settings: Settings
+) -> None:
+    """An add batch that InnoDB rolls back for a deadlock is written again, not answered 500."""
+    db, broker = db_of(client), client.app[BROKER]
+    key_id = await key_id_of(db, await make_key())
+    newest_task = await db.fetchone("SELECT COALESCE(MAX(id), 0) AS id FROM tasks")
+    newest_event = await db.fetchone("SELECT COALESCE(MAX(id), 0) AS id FROM callback_events")
+    assert newest_task is not None and newest_event is not None
+    with contextlib.suppress(_RollBack):
+        async with db.transaction() as cur:
+            await cur.executemany(  # heavier than the add: InnoDB picks the add as the victim
+                "INSERT INTO callback_attempts (event_id, attempt, attempted_at, url, latency_ms,"
+                " outcome) VALUES (%s, 1, %s, 'http://x', 0, 'SCRATCH')",
+                [(f"evt_scratch_{i}", utcnow()) for i in range(200)],
+            )
+            # The gap after the newest event: the add's ADD event insert waits on it.
+            await cur.execute(
+                "SELECT id FROM callback_events WHERE id > %s FOR UPDATE", (newest_event["id"],)
+            )
+            adding = asyncio.create_task(
+                tasks.add_task(
+                    db,
+                    broker,
+                    key_id=key_id,
+                    data={"victim": True},
+                    expire_at=in_ms(3_600_000),
+                    max_data_bytes=settings.TASK_MAX_DATA_BYTES,
+                )
+            )
+            await asyncio.sleep(0.5)  # it holds its new task row and waits for the gap
+            assert not adding.done()
+            # Now each waits for the other: InnoDB rolls the add back (1213).
+            await cur.execute("SELECT id FROM tasks WHERE id > %s FOR UPDATE", (newest_task["id"],))
+            raise _RollBack
+    added = await asyncio.wait_for(adding, 10)  # written again once this transaction let go
+    row = await task_row(db, added.task_id)
+    assert row["status"] == "PENDING" and json.loads(row["data"]) == {"victim": True}
+
+
 async def test_read_committed_applies_to_that_transaction_only(client: Client) -> None:
     """The due scan's transaction runs at READ COMMITTED; the pool's others stay as they were."""
     db = db_of(client)
