@@ -32,6 +32,10 @@ class ExpireTask(Command):
     task_id: str
     due_at_ms: int
 
+    def carried(self) -> tuple[Timer, ...]:
+        """The timers this message carries (one)."""
+        return (Timer(task_id=self.task_id, due_at_ms=self.due_at_ms),)
+
 
 class Timer(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -49,6 +53,10 @@ class ExpireTasks(Command):
     MAX_TIMERS: ClassVar[int] = 500
 
     timers: tuple[Timer, ...] = Field(min_length=1, max_length=MAX_TIMERS)
+
+    def carried(self) -> tuple[Timer, ...]:
+        """The timers this message carries."""
+        return self.timers
 
 
 class DeliverCallback(Command):

@@ -241,14 +241,8 @@ async def publish_timers(broker: Broker, timers: Sequence[Timer]) -> None:
         (error, command) for error, (command, _, _) in zip(results, messages, strict=True) if error
     ]
     if failed:
-        lost = [t for _, command in failed for t in _timers_of(command)]
+        lost = [t for _, command in failed for t in command.carried()]
         raise TimersNotPublished(failed[0][0], lost)
-
-
-def _timers_of(command: ExpireTask | ExpireTasks) -> tuple[Timer, ...]:
-    if isinstance(command, ExpireTasks):
-        return command.timers
-    return (Timer(task_id=command.task_id, due_at_ms=command.due_at_ms),)
 
 
 async def publish_timer(broker: Broker, task_id: str, due_at_ms: int) -> None:

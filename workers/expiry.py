@@ -215,12 +215,9 @@ class ExpiryWorker:
     async def handle(self, command: Command) -> None:
         """One timer message (or several timers in one): each waits out its sub-unit rest and
         is expired, or a longer rest is re-published; the message is acked when all are done."""
-        if isinstance(command, ExpireTask):
-            timers = [Timer(task_id=command.task_id, due_at_ms=command.due_at_ms)]
-        elif isinstance(command, ExpireTasks):
-            timers = list(command.timers)
-        else:
+        if not isinstance(command, ExpireTask | ExpireTasks):
             raise Reject(f"{command.TYPE} does not belong on the expiry queue")
+        timers = command.carried()
         now_ms = int(time.time() * 1000)
         early = [t for t in timers if remaining_ms(t.due_at_ms, now_ms) > self._unit_ms]
         due = [t for t in timers if remaining_ms(t.due_at_ms, now_ms) <= self._unit_ms]
