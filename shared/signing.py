@@ -7,13 +7,29 @@ the exact body, so a captured token cannot be replayed with another body or afte
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+from functools import lru_cache
 from typing import Any
 
 import jwt
+from jwt.algorithms import HMACAlgorithm
 
 ISSUER = "queue-server"
 ALGORITHM = "HS256"
+
+
+class _CheckedOnceHMAC(HMACAlgorithm):
+    """HS256 whose key checks (not a PEM, SSH, DER or JWK key) run once per key, not per token:
+    they cost PyJWT more than the signature itself, on every callback attempt."""
+
+    @lru_cache(maxsize=4)  # noqa: B019 - one instance, kept for the process anyway
+    def prepare_key(self, key: str | bytes) -> bytes:
+        return super().prepare_key(key)
+
+
+_SIGNER = jwt.PyJWS(algorithms=[])
+_SIGNER.register_algorithm(ALGORITHM, _CheckedOnceHMAC(HMACAlgorithm.SHA256))
 
 
 def body_digest(body: bytes) -> str:
@@ -39,7 +55,9 @@ def callback_token(
         "jti": event_id,
         "body_sha256": body_digest(body),
     }
-    return jwt.encode(claims, salt, algorithm=ALGORITHM)
+    # What jwt.encode does with the claims, through the signer above (the same token).
+    payload = json.dumps(claims, separators=(",", ":")).encode()
+    return _SIGNER.encode(payload, salt, algorithm=ALGORITHM)
 
 
 def verify_callback_token(salt: str, token: str, *, body: bytes | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from shared import callbacks
 from shared.batching import Batcher
 from shared.crypto import new_webhook_secret
 from shared.settings import Settings
-from shared.signing import verify_callback_token
+from shared.signing import callback_token, verify_callback_token
 from shared.webhooks import (
     DestinationRefused,
     NetworkPolicy,
@@ -59,6 +59,29 @@ def test_jwt_verifies_with_pyjwt_and_is_bound_to_event_and_body() -> None:
         verify_callback_token(SALT, bearer(headers), body=BODY.replace("ADD", "REMOVE").encode())
     with pytest.raises(jwt.InvalidSignatureError):
         jwt.decode(bearer(headers), SALT + "x", algorithms=["HS256"])
+
+
+def test_jwt_is_the_token_pyjwt_encode_makes() -> None:
+    """The signer skips PyJWT's per-token key checks: the token itself must not change."""
+    token = callback_token(
+        salt=SALT, exp_hours=3, key_name="billing", event_id="evt_1", body=b"{}", now=1000
+    )
+    claims = {
+        "iss": "queue-server",
+        "sub": "billing",
+        "iat": 1000,
+        "exp": 1000 + 3 * 3600,
+        "jti": "evt_1",
+        "body_sha256": hashlib.sha256(b"{}").hexdigest(),
+    }
+    assert token == jwt.encode(claims, SALT, algorithm="HS256")
+
+
+def test_jwt_still_refuses_an_asymmetric_key_every_time() -> None:
+    pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYI\n-----END PUBLIC KEY-----"
+    for _ in range(2):  # a refusal is not remembered as a prepared key
+        with pytest.raises(jwt.InvalidKeyError):
+            callback_token(salt=pem, exp_hours=1, key_name="k", event_id="e", body=b"{}")
 
 
 def test_expired_jwt_fails() -> None:
