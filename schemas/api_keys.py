@@ -16,7 +16,8 @@ def iso_utc(value: datetime | None) -> str | None:
     """Naive-UTC database times as the contract prints them: `2024-10-07T18:13:03.000Z`."""
     if value is None:
         return None
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    # isoformat: a third of strftime's cost, and it runs for every callback payload.
+    return value.isoformat(timespec="milliseconds") + "Z"
 
 
 class CreateKey(Body):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidTag
 
+from schemas.api_keys import iso_utc
 from schemas.messages import ExpireTask, ExpireTasks, Timer
 from shared import crypto, ids
 from shared.batching import BatcherPerOwner
@@ -49,6 +50,18 @@ def test_durations(duration: str, expected: datetime) -> None:
 def test_bad_durations(duration: str) -> None:
     with pytest.raises(DurationError):
         expiry_after(duration, START)
+
+
+@pytest.mark.parametrize(
+    ("moment", "printed"),
+    [
+        (datetime(2024, 10, 7, 18, 13, 3), "2024-10-07T18:13:03.000Z"),
+        (datetime(2024, 10, 7, 18, 13, 3, 999_999), "2024-10-07T18:13:03.999Z"),  # cut, not rounded
+        (datetime(1970, 1, 1, 0, 0, 0, 1_000), "1970-01-01T00:00:00.001Z"),
+    ],
+)
+def test_times_print_as_the_contract_does(moment: datetime, printed: str) -> None:
+    assert iso_utc(moment) == printed
 
 
 def test_ids_have_the_original_shapes_and_do_not_repeat() -> None:
