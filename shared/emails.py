@@ -299,7 +299,7 @@ async def queue_email(
         raise Suppressed(f"{email.recipient} is on the suppression list (bounce or complaint)")
     fingerprint = email.fingerprint() if idempotency_key else None
     try:
-        (email_id,) = await store_emails(
+        (email_id,), pk = await _store(
             db, key_id, [email], idempotency_key=idempotency_key, fingerprint=fingerprint
         )
     except pymysql.err.IntegrityError:
@@ -308,7 +308,8 @@ async def queue_email(
         email_id = await _replay(db, key_id, idempotency_key, fingerprint)
         await publish_pending(db, broker, [email_id])  # if it is still queued
         return Queued(email_id, created=False)
-    await publish_pending(db, broker, [email_id])
+    # Just stored, so QUEUED: publish it without reading back what the insert told us.
+    await _publish_rows(db, broker, [{"id": pk, "email_id": email_id, "type": email.type}])
     return Queued(email_id, created=True)
 
 
@@ -337,6 +338,21 @@ async def store_emails(
     Whatever is not published afterwards (`publish_pending`) the reconciler publishes after
     RECONCILE_GRACE_SECONDS.
     """
+    ids, _ = await _store(
+        db, key_id, emails, idempotency_key=idempotency_key, fingerprint=fingerprint
+    )
+    return ids
+
+
+async def _store(
+    db: Database,
+    key_id: int,
+    emails: Sequence[NewEmail],
+    *,
+    idempotency_key: str | None,
+    fingerprint: str | None,
+) -> tuple[list[str], int]:
+    """`store_emails`, also returning the first email's primary key (the INSERT's insert id)."""
     now = utcnow()
     ids = [new_record_id() for _ in emails]
     rows = [
@@ -362,17 +378,18 @@ async def store_emails(
     ]
     async with db.transaction() as cur:
         await cur.executemany(_INSERT_EMAIL, rows)
+        first_pk = int(cur.lastrowid)
         with_files = [(i, e) for i, e in zip(ids, emails, strict=True) if e.attachments]
         if with_files:
             if len(rows) == 1:  # the common case (one HTTP request): no lookup needed
-                pks = {ids[0]: int(cur.lastrowid)}
+                pks = {ids[0]: first_pk}
             else:
                 pks = await _primary_keys(cur, [i for i, _ in with_files])
             for email_id, e in with_files:
                 await _store_attachments(cur, pks[email_id], e.attachments)
     for e in emails:
         metrics.EMAILS.labels("queued", e.type).inc()
-    return ids
+    return ids, first_pk
 
 
 async def _primary_keys(cur: aiomysql.Cursor, email_ids: Sequence[str]) -> dict[str, int]:

@@ -258,6 +258,22 @@ async def test_text_only_email_fills_placeholders_without_escaping(
     assert msg.get_content().strip() == "Hi Bob <b>&</b>, owe $345"
 
 
+async def test_each_added_email_is_marked_published_before_the_answer(
+    client: Client, make_key: Any, settings: Settings
+) -> None:
+    """The add publishes by the primary key its INSERT returned, not a read-back: concurrent
+    adds must each mark their own row (a wrong key would leave it to the reconciler)."""
+    key = await make_key()
+    ids = await asyncio.gather(*(queue(client, key["headers"], text=f"n{i}") for i in range(8)))
+    marks = ", ".join(["%s"] * len(ids))
+    rows = db_rows(
+        settings,
+        f"SELECT email_id, published FROM emails WHERE email_id IN ({marks})",
+        ids,
+    )
+    assert {r["email_id"]: r["published"] for r in rows} == dict.fromkeys(ids, 1)
+
+
 async def test_large_attachment_round_trips_through_chunks(
     client: Client, make_key: Any, settings: Settings
 ) -> None:
