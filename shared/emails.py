@@ -308,10 +308,8 @@ async def queue_email(
         email_id = await _replay(db, key_id, idempotency_key, fingerprint)
         await publish_pending(db, broker, [email_id])  # if it is still queued
         return Queued(email_id, created=False)
-    if pk is None:  # (only a batch of several leaves the key unknown)
-        await publish_pending(db, broker, [email_id])
-    else:  # just stored, so QUEUED: publish it without reading back what the insert told us
-        await _publish_rows(db, broker, [{"id": pk, "email_id": email_id, "type": email.type}])
+    # Just stored, so QUEUED: publish it without reading back what the INSERT told us.
+    await _publish_rows(db, broker, [{"id": pk, "email_id": email_id, "type": email.type}])
     return Queued(email_id, created=True)
 
 
@@ -353,9 +351,9 @@ async def _store(
     *,
     idempotency_key: str | None,
     fingerprint: str | None,
-) -> tuple[list[str], int | None]:
-    """`store_emails`, also returning the primary key of a lone email (the INSERT's insert id;
-    None for several, whose INSERT may have been split into statements)."""
+) -> tuple[list[str], int]:
+    """`store_emails`, also returning the INSERT's insert id: the primary key of the email when
+    one is stored (several may have been split into statements: no use to the caller then)."""
     now = utcnow()
     ids = [new_record_id() for _ in emails]
     rows = [
@@ -381,18 +379,18 @@ async def _store(
     ]
     async with db.transaction() as cur:
         await cur.executemany(_INSERT_EMAIL, rows)
-        lone_pk = int(cur.lastrowid) if len(rows) == 1 else None
+        insert_id = int(cur.lastrowid)
         with_files = [(i, e) for i, e in zip(ids, emails, strict=True) if e.attachments]
         if with_files:
-            if lone_pk is not None:  # the common case (one HTTP request): no lookup needed
-                pks = {ids[0]: lone_pk}
+            if len(rows) == 1:  # the common case (one HTTP request): no lookup needed
+                pks = {ids[0]: insert_id}
             else:
                 pks = await _primary_keys(cur, [i for i, _ in with_files])
             for email_id, e in with_files:
                 await _store_attachments(cur, pks[email_id], e.attachments)
     for e in emails:
         metrics.EMAILS.labels("queued", e.type).inc()
-    return ids, lone_pk
+    return ids, insert_id
 
 
 async def _primary_keys(cur: aiomysql.Cursor, email_ids: Sequence[str]) -> dict[str, int]:

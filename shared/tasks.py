@@ -302,7 +302,7 @@ async def unsent_timers(db: Database, *, limit: int) -> tuple[list[Timer], list[
     timers = [
         Timer(task_id=row["task_id"], due_at_ms=epoch_ms(row["expire_at"]))
         for row in rows
-        if row["status"] == "PENDING"
+        if row["status"] == PENDING
     ]
     return timers, [row["task_id"] for row in rows]
 
