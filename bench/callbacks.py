@@ -41,12 +41,12 @@ sys.path.insert(0, str(REPO))
 
 from tasks_common import AMQP_BASE, EXE, MYSQL, free_port, scratch_vhost  # noqa: E402
 
-from shared import apikeys  # noqa: E402
-from shared.broker import Broker  # noqa: E402
-from shared.callbacks import NewEvent, publish_events, record_events  # noqa: E402
-from shared.db import Database  # noqa: E402
-from shared.migrate import migrate  # noqa: E402
-from shared.settings import Settings  # noqa: E402
+from shared.callbacks.outbox import NewEvent, publish_events, record_events  # noqa: E402
+from shared.infra.broker import Broker  # noqa: E402
+from shared.infra.db import Database  # noqa: E402
+from shared.infra.migrate import migrate  # noqa: E402
+from shared.infra.settings import Settings  # noqa: E402
+from shared.keys import apikeys  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -5,7 +5,7 @@ delivery exchange. This publishes --messages persistent messages into the exchan
 with no bit set below it, so each passes L + 2 exchanges and lands in the destination queue at
 once (no TTL wait), and prints RabbitMQ's (beam.smp) CPU per message for:
 
-- headers: the cascade as declared (`shared.delay.declare_cascade`): each level a headers
+- headers: the cascade as declared (`shared.infra.delay.declare_cascade`): each level a headers
   exchange whose alternate exchange is the level below, the delivery exchange direct;
 - topic: NServiceBus's spelling of the same cascade, declared here for comparison: topic
   exchanges chained by bindings on a routing key of one digit per level.
@@ -26,7 +26,7 @@ import aio_pika.abc
 from measure import cpu_seconds, pids_of
 from tasks_common import scratch_vhost
 
-from shared.delay import Cascade, declare_cascade
+from shared.infra.delay import Cascade, declare_cascade
 
 DESTINATION = "dest"
 

@@ -31,11 +31,13 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from ses_emulator import SesEmulator, free_port, max_in_window  # noqa: E402
 
-from shared import apikeys, emails  # noqa: E402
-from shared.broker import Broker  # noqa: E402
-from shared.db import Database  # noqa: E402
-from shared.migrate import migrate  # noqa: E402
-from shared.settings import Settings  # noqa: E402
+from shared.email.model import EmailType, NewEmail  # noqa: E402
+from shared.email.queueing import queue_emails  # noqa: E402
+from shared.infra.broker import Broker  # noqa: E402
+from shared.infra.db import Database  # noqa: E402
+from shared.infra.migrate import migrate  # noqa: E402
+from shared.infra.settings import Settings  # noqa: E402
+from shared.keys import apikeys  # noqa: E402
 
 __all__ = ["SENDER", "EmailBench", "bench_stack", "max_in_window", "percentile"]
 
@@ -79,12 +81,12 @@ class EmailBench:
             _wait_healthy(proc, f"http://127.0.0.1:{port}")
         return proc
 
-    async def queue(self, count: int, kind: emails.EmailType, batch: int = 1000) -> list[str]:
+    async def queue(self, count: int, kind: EmailType, batch: int = 1000) -> list[str]:
         """Queue `count` small text emails through the service function (bulk inserts)."""
         ids: list[str] = []
         for start in range(0, count, batch):
             items = [
-                emails.NewEmail(
+                NewEmail(
                     short_name="Bench",
                     recipient=f"user{start + i}@example.org",
                     send_email=SENDER,
@@ -97,7 +99,7 @@ class EmailBench:
                 )
                 for i in range(min(batch, count - start))
             ]
-            ids += await emails.queue_emails(self.db, self.broker, self.key_id, items)
+            ids += await queue_emails(self.db, self.broker, self.key_id, items)
         return ids
 
     async def sent_count(self) -> int:

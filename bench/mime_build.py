@@ -1,4 +1,4 @@
-"""Benchmark: CPU time to build one raw message (shared.mime.build_raw_message), no services.
+"""Benchmark: CPU time to build one raw message (shared.email.mime.build_raw_message), no services.
 
 Prints milliseconds per message for a short text-only email (what the email benchmarks send)
 and for text + HTML with a tracking pixel, best of a few rounds.
@@ -13,7 +13,7 @@ import argparse
 import timeit
 from typing import Any
 
-from shared.mime import build_raw_message
+from shared.email.mime import build_raw_message
 
 TEXT_ONLY: dict[str, Any] = {
     "from_name": "Bench",

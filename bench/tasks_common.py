@@ -30,9 +30,9 @@ import pymysql
 from aiohttp import web
 from measure import percentile
 
-from shared.broker import Broker
-from shared.settings import Settings
-from shared.tasks import publish_timer
+from shared.infra.broker import Broker
+from shared.infra.settings import Settings
+from shared.tasks.timers import publish_timer
 
 REPO = Path(__file__).resolve().parent.parent
 EXE = str(Path(sys.executable).parent / "queue-server")

@@ -42,11 +42,11 @@ from tasks_common import (
     summary_ms,
 )
 
-from shared import tasks
-from shared.db import utcnow
-from shared.ids import new_record_id
-from shared.resources import open_broker, open_database
-from shared.settings import Settings
+from shared.infra.db import utcnow
+from shared.infra.ids import new_record_id
+from shared.infra.resources import open_broker, open_database
+from shared.infra.settings import Settings
+from shared.tasks.timers import publish_timer
 
 
 def parse_args() -> argparse.Namespace:
@@ -98,7 +98,7 @@ async def create_direct(bench: Stack, due: list[float]) -> list[str]:
 
         async def timer(task_id: str, when: float) -> None:
             async with limit:
-                await tasks.publish_timer(broker, task_id, int(when * 1000))
+                await publish_timer(broker, task_id, int(when * 1000))
 
         await asyncio.gather(*(timer(t, w) for t, w in zip(ids, due, strict=True)))
     return ids

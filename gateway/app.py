@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import structlog
@@ -15,12 +15,10 @@ from gateway.auth import KeyCache
 from gateway.endpoints import install
 from gateway.middleware import access_log, auth, body_deadline, errors
 from gateway.routes import ENDPOINTS as ALL_ENDPOINTS
-from shared.resources import open_broker, open_database
-from shared.settings import Settings
+from shared.email.tracking.notifications import LiveSnsHttp
+from shared.infra.resources import open_broker, open_database
+from shared.infra.settings import Settings
 from shared.status import snapshot
-from shared.tracking import LiveSnsHttp
-from workers.runner import running
-from workers.runtime import Context
 
 log = structlog.get_logger("gateway")
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
@@ -71,18 +69,8 @@ async def _status_refresher(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-def _workers(names: Sequence[str]) -> CleanupCtx:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        async with running(Context(app[SETTINGS], app[DB], app[BROKER]), names):
-            yield
-
-    return ctx
-
-
-def create_app(
-    settings: Settings, *, setup_broker: bool = True, workers: Sequence[str] = ()
-) -> web.Application:
-    """The gateway; with `workers`, those workers run in this process too (`queue-server run`)."""
+def create_app(settings: Settings, *, setup_broker: bool = True) -> web.Application:
+    """The gateway (cli/app.py adds workers to it for `queue-server run`)."""
     app = web.Application(
         middlewares=[access_log, body_deadline, errors, auth],
         client_max_size=settings.max_upload_bytes + _MULTIPART_OVERHEAD,
@@ -94,7 +82,5 @@ def create_app(
     app.cleanup_ctx.append(_broker(setup_broker))
     app.cleanup_ctx.append(_sns_http)
     app.cleanup_ctx.append(_status_refresher)
-    if workers:
-        app.cleanup_ctx.append(_workers(workers))
     install(app, ALL_ENDPOINTS)
     return app

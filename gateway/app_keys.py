@@ -5,10 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.auth import KeyCache
-from shared.broker import Broker
-from shared.db import Database
-from shared.settings import Settings
-from shared.tracking import SnsHttp
+from shared.email.tracking.notifications import SnsHttp
+from shared.infra.broker import Broker
+from shared.infra.db import Database
+from shared.infra.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)

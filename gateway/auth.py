@@ -9,8 +9,8 @@ from enum import Enum
 
 from aiohttp import web
 
-from shared.apikeys import ApiKey, find_active_key, hash_key
-from shared.db import Database, utcnow
+from shared.infra.db import Database, utcnow
+from shared.keys.apikeys import ApiKey, find_active_key, hash_key
 
 
 class Role(Enum):

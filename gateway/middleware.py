@@ -14,9 +14,9 @@ from gateway.app_keys import DB, KEY_CACHE, SETTINGS
 from gateway.auth import PRINCIPAL, Role, allowed, authenticate, bearer_token
 from gateway.endpoints import endpoint_of
 from gateway.errors import ApiError, SlowBody, error_response
-from shared import metrics
-from shared.broker import BrokerUnavailable
-from shared.db import DatabaseUnavailable
+from shared.infra import metrics
+from shared.infra.broker import BrokerUnavailable
+from shared.infra.db import DatabaseUnavailable
 
 log = structlog.get_logger("gateway")
 

@@ -2,7 +2,7 @@
 
 MySQL is the source of truth; a consumer re-reads the row a command names. The AMQP properties
 carry `message_id`, `type` (the command's TYPE), `content_type` and the schema version header
-(and, on a delayed message, the cascade's bit headers: shared/delay.py).
+(and, on a delayed message, the cascade's bit headers: shared/infra/delay.py).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class DeliverCallbacks(Command):
 
 
 class SendEmail(Command):
-    """Published to `email-promotional` instead for PROMOTIONAL mail (see shared.broker)."""
+    """Published to `email-promotional` instead for PROMOTIONAL mail (see shared.infra.broker)."""
 
     TYPE: ClassVar[str] = "email.send"
     DESTINATION: ClassVar[str] = "email-transactional"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared import metrics
-from shared.broker import DEAD_LETTER_QUEUE, WORK_QUEUES, Broker
-from shared.db import Database
+from shared.infra import metrics
+from shared.infra.broker import DEAD_LETTER_QUEUE, WORK_QUEUES, Broker
+from shared.infra.db import Database
 
 # Tables whose rows have a `status`: what operators ask "how many are stuck/pending/failed?".
 _COUNTED = {"tasks": "tasks", "emails": "emails", "callbacks": "callback_events"}

@@ -26,9 +26,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from receiver import Receiver
 from ses_emulator import SesEmulator, free_port
 
-from gateway.app import create_app
-from shared.migrate import migrate
-from shared.settings import Settings
+from cli.app import create_app
+from shared.infra.migrate import migrate
+from shared.infra.settings import Settings
 from workers.registry import WORKERS
 
 MYSQL: dict[str, Any] = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}

@@ -1,7 +1,7 @@
 """Make SNS HTTP(S) messages signed the way Amazon SNS signs them, for tests.
 
-Written independently of ``shared.sns`` (the key order is spelled out again here), so a
-mistake in the verifier is not mirrored by the signer. Import it from any test module:
+Written independently of ``shared.email.tracking.sns`` (the key order is spelled out again
+here), so a mistake in the verifier is not mirrored by the signer. Import it from any test module:
 ``from sns_signing import SnsTestSigner``.
 """
 
@@ -72,7 +72,7 @@ def make_certificate(key: rsa.RSAPrivateKey, *, valid_from: datetime | None = No
 
 @dataclass
 class SnsTestSigner:
-    """An RSA key, its certificate, and a fake :data:`shared.sns.CertFetcher` serving it."""
+    """An RSA key, its certificate, and a fake CertFetcher (shared.email.tracking.sns) for it."""
 
     key: rsa.RSAPrivateKey
     cert_pem: bytes

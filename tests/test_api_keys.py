@@ -11,9 +11,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import db_rows
 
-from shared.apikeys import hash_key
-from shared.settings import Settings
-from shared.signing import callback_token
+from shared.callbacks.signing import callback_token
+from shared.infra.settings import Settings
+from shared.keys.apikeys import hash_key
 
 Client = TestClient[web.Request, web.Application]
 KEY_SHAPE = re.compile(r"^[A-Za-z0-9]{5}-[A-Za-z0-9]{12}_[A-Za-z0-9]{8}\.[A-Za-z0-9]{20}$")

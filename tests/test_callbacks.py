@@ -29,17 +29,17 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from gateway.app_keys import BROKER, DB
 from schemas.messages import DeliverCallback, DeliverCallbacks
-from shared.broker import WORK_QUEUES, Broker, decode
-from shared.callbacks import (
+from shared.callbacks.outbox import (
     NewEvent,
     delivery_commands,
     publish_event,
     publish_events,
     record_events,
 )
-from shared.db import Database
-from shared.settings import Settings
-from shared.signing import verify_callback_token
+from shared.callbacks.signing import verify_callback_token
+from shared.infra.broker import WORK_QUEUES, Broker, decode
+from shared.infra.db import Database
+from shared.infra.settings import Settings
 from workers import callbacks as callbacks_worker
 from workers.callbacks import CallbackWorker, sweep_overdue
 from workers.consumer import Retry

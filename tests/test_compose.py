@@ -12,6 +12,7 @@ import configparser
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -237,7 +238,7 @@ def test_app_processes_restart_and_drain(services: dict[str, Any], service: str)
 
 
 def _shutdown_grace_default() -> float:
-    settings = pytest.importorskip("shared.settings")
+    settings = pytest.importorskip("shared.infra.settings")
     return float(settings.Settings.model_fields["SHUTDOWN_GRACE_SECONDS"].default)
 
 
@@ -324,7 +325,7 @@ def test_secrets_have_no_default(services: dict[str, Any]) -> None:
 
 
 def test_every_setting_reaches_the_containers(services: dict[str, Any]) -> None:
-    settings = pytest.importorskip("shared.settings")
+    settings = pytest.importorskip("shared.infra.settings")
     missing = set(settings.Settings.model_fields) - set(_env_of(services["gateway"]))
     assert not missing, f"add to x-app-environment in docker-compose.yml: {sorted(missing)}"
 
@@ -564,3 +565,12 @@ def test_compose_binary_resolves_env_like_the_structural_checks(
             "service_completed_successfully"
         )
         assert "ports" not in resolved[name]
+
+
+def test_dockerfile_copies_every_package_the_project_installs() -> None:
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    included = {name.rstrip("*") for name in packages["packages"]["find"]["include"]}
+    copied = {
+        rest.split()[0].rstrip("/") for op, rest in _dockerfile_instructions() if op == "COPY"
+    }
+    assert included <= copied

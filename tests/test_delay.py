@@ -1,4 +1,4 @@
-"""The delay cascade (shared/delay.py): pure bit math, then real timers on the real RabbitMQ.
+"""The delay cascade (shared/infra/delay.py): pure bit math, then real timers on the real RabbitMQ.
 
 Broker tests use small units (10-20 ms) so whole passes take a second or two, and a distinct
 name prefix each, inside the session's own vhost.
@@ -21,7 +21,7 @@ import aiormq
 import pytest
 from aio_pika.exceptions import PublishError
 
-from shared.delay import (
+from shared.infra.delay import (
     MAX_TTL_MS,
     Cascade,
     DelayPublisher,

@@ -26,8 +26,8 @@ from receiver import Receiver
 
 from gateway.app import create_app
 from gateway.app_keys import BROKER, DB
-from shared import emails
-from shared.settings import Settings
+from shared.email import model, queueing, sending, sweeps, validation
+from shared.infra.settings import Settings
 
 Client = TestClient[web.Request, web.Application]
 
@@ -277,7 +277,7 @@ async def test_each_added_email_is_marked_published_before_the_answer(
 async def test_large_attachment_round_trips_through_chunks(
     client: Client, make_key: Any, settings: Settings
 ) -> None:
-    big = os.urandom(emails.CHUNK_BYTES * 2 + 12345)  # three chunks
+    big = os.urandom(model.CHUNK_BYTES * 2 + 12345)  # three chunks
     key = await make_key()
     resp = await add(
         client,
@@ -294,7 +294,7 @@ async def test_large_attachment_round_trips_through_chunks(
         (pk,),
     )
     assert chunks[0]["n"] == 3
-    stored = await emails.load_attachments(client.app[DB], pk)
+    stored = await sending.load_attachments(client.app[DB], pk)
     assert [(a.filename, a.content_type, a.data) for a in stored] == [
         ("data.pdf", "application/pdf", big)
     ]
@@ -343,7 +343,7 @@ async def test_removed_template_makes_the_email_error_with_a_reason(
         "/server/email/add-template", data=template_form(f"{name}.html", TEMPLATE), headers=admin
     )
     key = await make_key()
-    new = emails.new_email(
+    new = validation.new_email(
         {
             "shortName": "A",
             "email": "a@example.org",
@@ -353,9 +353,9 @@ async def test_removed_template_makes_the_email_error_with_a_reason(
             "template": name,
         }
     )
-    (email_id,) = await emails.store_emails(client.app[DB], _key_id(settings, key), [new])
+    (email_id,) = await queueing.store_emails(client.app[DB], _key_id(settings, key), [new])
     await client.post("/server/email/remove-template", json={"fileName": name}, headers=admin)
-    await emails.publish_pending(client.app[DB], client.app[BROKER], [email_id])
+    await queueing.publish_pending(client.app[DB], client.app[BROKER], [email_id])
 
     await wait_status(client, key["headers"], email_id, "ERROR")
     row = db_rows(settings, "SELECT error FROM emails WHERE email_id = %s", (email_id,))[0]
@@ -384,7 +384,7 @@ async def test_unpublished_email_is_published_by_the_reconciler_sweep(
 ) -> None:
     """The gateway's answer after a lost publish: stored, then swept and sent."""
     key = await make_key()
-    new = emails.new_email(
+    new = validation.new_email(
         {
             "shortName": "A",
             "email": "a@example.org",
@@ -395,12 +395,12 @@ async def test_unpublished_email_is_published_by_the_reconciler_sweep(
         }
     )
     db = client.app[DB]
-    (email_id,) = await emails.store_emails(db, _key_id(settings, key), [new])
+    (email_id,) = await queueing.store_emails(db, _key_id(settings, key), [new])
     await asyncio.sleep(0.05)
-    overdue = await emails.overdue(db, grace_s=0.01, stale_s=3600)
+    overdue = await sweeps.overdue(db, grace_s=0.01, stale_s=3600)
     assert email_id in {r["email_id"] for r in overdue}
     assert (
-        await emails.republish(
+        await sweeps.republish(
             db, client.app[BROKER], [r for r in overdue if r["email_id"] == email_id]
         )
         == 1

@@ -12,8 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from ses_emulator import max_in_window
 
-from shared.db import Database
-from shared.ratelimit import (
+from shared.email.ratelimit import (
     CLOCK_DRIFT,
     GRANT_LEAD_US,
     MIN_FACTOR,
@@ -28,8 +27,9 @@ from shared.ratelimit import (
     interval_us,
     plan_grants,
 )
-from shared.resources import open_database
-from shared.settings import Settings
+from shared.infra.db import Database
+from shared.infra.resources import open_database
+from shared.infra.settings import Settings
 
 TX, PROMO = Priority.TRANSACTIONAL, Priority.PROMOTIONAL
 LIMITS = Limits(

@@ -30,19 +30,23 @@ from ses_emulator import SesEmulator, max_in_window
 
 from gateway.app import create_app
 from schemas.messages import SendEmail
-from shared import apikeys, emails, metrics
-from shared.broker import WORK_QUEUES, Broker
-from shared.db import Database
-from shared.migrate import migrate
-from shared.resources import open_broker, open_database
-from shared.settings import Settings
+from shared.email.model import PROMOTIONAL, TRANSACTIONAL, NewEmail
+from shared.email.queueing import queue_emails
+from shared.email.sending import Claim, Sent, Skip, claim_many, mark_sending_many, mark_sent_many
+from shared.infra import metrics
+from shared.infra.broker import WORK_QUEUES, Broker
+from shared.infra.db import Database
+from shared.infra.migrate import migrate
+from shared.infra.resources import open_broker, open_database
+from shared.infra.settings import Settings
+from shared.keys import apikeys
 from workers import email as email_worker_module
 from workers.email import EmailWorker
 from workers.runtime import Context
 
 SENDER = SES_SENDER
 # The rate tests measure at the proxy, a process that waits for CPU on a loaded test machine:
-# its timestamps lag by up to ~100 ms. The margin must cover that lag (see shared/ratelimit.py).
+# its timestamps lag by up to ~100 ms. The margin must cover that lag (shared/email/ratelimit.py).
 JITTERY = {"EMAIL_RATE_MARGIN_MS": 250.0}
 TEMPLATE = (
     "<html><body><p>Dear {{-NAME-}},</p><p>Balance {{-BALANCE-}} due {{-DATE-}}.</p>"
@@ -124,8 +128,8 @@ async def email_worker(stack: Stack, **overrides: Any) -> AsyncIterator[EmailWor
         await worker.stop(5)
 
 
-def new_email(i: int = 0, **changes: Any) -> emails.NewEmail:
-    base = emails.NewEmail(
+def new_email(i: int = 0, **changes: Any) -> NewEmail:
+    base = NewEmail(
         short_name="Billing",
         recipient=f"user{i}@example.org",
         send_email=SENDER,
@@ -246,7 +250,7 @@ async def test_templated_email_with_attachments_arrives_at_ses(stack: Stack) -> 
 
 
 async def test_permanent_rejection_is_error_at_once(stack: Stack) -> None:
-    (email_id,) = await emails.queue_emails(
+    (email_id,) = await queue_emails(
         stack.db, stack.broker, stack.key_id, [new_email(send_email="unverified@example.com")]
     )
     async with email_worker(stack):
@@ -286,10 +290,9 @@ async def test_two_workers_never_exceed_the_rate_and_send_each_email_once(
                 assert time.monotonic() < deadline, "the second worker did not start"
                 await asyncio.sleep(0.1)
             batch = [
-                new_email(i, type=emails.PROMOTIONAL if i % 2 else emails.TRANSACTIONAL)
-                for i in range(count)
+                new_email(i, type=PROMOTIONAL if i % 2 else TRANSACTIONAL) for i in range(count)
             ]
-            ids = await emails.queue_emails(stack.db, stack.broker, stack.key_id, batch)
+            ids = await queue_emails(stack.db, stack.broker, stack.key_id, batch)
             rows = await wait_statuses(stack.db, ids, {"SENT"}, timeout=60)
     finally:
         other.stop()
@@ -309,7 +312,7 @@ async def test_two_workers_never_exceed_the_rate_and_send_each_email_once(
 async def test_throttling_slows_the_fleet_and_loses_nothing(stack: Stack) -> None:
     rate, count = 20, 30
     await stack.ses.throttle(2)
-    ids = await emails.queue_emails(
+    ids = await queue_emails(
         stack.db, stack.broker, stack.key_id, [new_email(i) for i in range(count)]
     )
     async with email_worker(stack, AWS_SES_SEND_LIMIT_PER_SEC=str(rate), **JITTERY):
@@ -331,13 +334,13 @@ async def test_throttling_slows_the_fleet_and_loses_nothing(stack: Stack) -> Non
 
 async def test_transactional_email_is_not_stuck_behind_promotional_backlog(stack: Stack) -> None:
     rate = 20
-    promos = [new_email(i, type=emails.PROMOTIONAL) for i in range(1000)]
-    promo_ids = await emails.queue_emails(stack.db, stack.broker, stack.key_id, promos)
+    promos = [new_email(i, type=PROMOTIONAL) for i in range(1000)]
+    promo_ids = await queue_emails(stack.db, stack.broker, stack.key_id, promos)
     async with email_worker(stack, AWS_SES_SEND_LIMIT_PER_SEC=str(rate)):
         await wait_sent_count(stack.db, promo_ids[:200], 10)  # the backlog is flowing
         queued_at = time.monotonic()
-        (tx_id,) = await emails.queue_emails(
-            stack.db, stack.broker, stack.key_id, [new_email(9999, type=emails.TRANSACTIONAL)]
+        (tx_id,) = await queue_emails(
+            stack.db, stack.broker, stack.key_id, [new_email(9999, type=TRANSACTIONAL)]
         )
         await wait_statuses(stack.db, [tx_id], {"SENT"}, timeout=10)
         waited = time.monotonic() - queued_at
@@ -363,7 +366,7 @@ async def wait_sent_count(db: Database, ids: list[str], count: int, timeout: flo
 
 async def test_transient_failures_retry_with_backoff_then_error(stack: Stack) -> None:
     await stack.ses.inject(10, status=500, code="InternalFailure", message="try later")
-    (email_id,) = await emails.queue_emails(stack.db, stack.broker, stack.key_id, [new_email()])
+    (email_id,) = await queue_emails(stack.db, stack.broker, stack.key_id, [new_email()])
     async with email_worker(stack, EMAIL_MAX_ATTEMPTS=3, EMAIL_RETRY_BASE_MS=100.0):
         (row,) = await wait_statuses(stack.db, [email_id], {"ERROR"})
     assert row["attempts"] == 3 and row["failures"] == 2
@@ -376,7 +379,7 @@ async def test_transient_failures_retry_with_backoff_then_error(stack: Stack) ->
 
 async def test_a_transient_failure_then_success(stack: Stack) -> None:
     await stack.ses.inject(1, status=503, code="ServiceUnavailable", message="busy")
-    (email_id,) = await emails.queue_emails(stack.db, stack.broker, stack.key_id, [new_email()])
+    (email_id,) = await queue_emails(stack.db, stack.broker, stack.key_id, [new_email()])
     async with email_worker(stack, EMAIL_RETRY_BASE_MS=100.0):
         (row,) = await wait_statuses(stack.db, [email_id], {"SENT"})
     assert row["attempts"] == 2 and row["failures"] == 1
@@ -387,7 +390,7 @@ async def test_a_transient_failure_then_success(stack: Stack) -> None:
 
 
 async def test_a_redelivered_command_does_not_send_again(stack: Stack) -> None:
-    (email_id,) = await emails.queue_emails(stack.db, stack.broker, stack.key_id, [new_email()])
+    (email_id,) = await queue_emails(stack.db, stack.broker, stack.key_id, [new_email()])
     async with email_worker(stack):
         await wait_statuses(stack.db, [email_id], {"SENT"})
         duplicates = metrics.EMAILS.labels("duplicate", "")
@@ -404,13 +407,13 @@ LEASE = 10.0
 
 
 async def kill_after_first_call(
-    stack: Stack, tmp: Path, batch: list[emails.NewEmail], **env: str
+    stack: Stack, tmp: Path, batch: list[NewEmail], **env: str
 ) -> list[str]:
     """Queue `batch` for a worker subprocess and SIGKILL it once SES saw its first call."""
     settings = {**stack.env, "EMAIL_LEASE_SECONDS": str(LEASE), **env}
     doomed = start_service(settings, "worker", "email", cwd=str(tmp))
     try:
-        ids = await emails.queue_emails(stack.db, stack.broker, stack.key_id, batch)
+        ids = await queue_emails(stack.db, stack.broker, stack.key_id, batch)
         deadline = time.monotonic() + 30
         while not calls_for(await stack.ses.calls(), ids):
             assert time.monotonic() < deadline, "the doomed worker never called SES"
@@ -490,7 +493,7 @@ async def test_stopping_while_waiting_at_the_send_gate_hands_the_email_back(
         "UPDATE email_rate_buckets"
         " SET next_slot_us = CAST(UNIX_TIMESTAMP(SYSDATE(6)) * 1000000 AS SIGNED) + 1500000"
     )
-    ids = await emails.queue_emails(stack.db, stack.broker, stack.key_id, [new_email(7)])
+    ids = await queue_emails(stack.db, stack.broker, stack.key_id, [new_email(7)])
     async with email_worker(stack, AWS_SES_SEND_LIMIT_PER_SEC="1") as worker:
         deadline = time.monotonic() + 10
         while True:
@@ -514,23 +517,23 @@ async def test_stopping_while_waiting_at_the_send_gate_hands_the_email_back(
 async def test_claims_and_sent_records_in_one_batch(stack: Stack) -> None:
     """The worker's batched state changes: each email claimed once, one SENT (and one SENT
     event) per email, whatever else shares the batch."""
-    first, second = await emails.queue_emails(
+    first, second = await queue_emails(
         stack.db, stack.broker, stack.key_id, [new_email(1), new_email(2)]
     )
-    claims = await emails.claim_many(
+    claims = await claim_many(
         stack.db, [first, second, first, "no-such-email"], lease_s=60, info={}
     )
     a, b, repeat, missing = claims
-    assert isinstance(a, emails.Claim) and isinstance(b, emails.Claim)
-    assert isinstance(repeat, emails.Skip) and repeat.reason == "busy"  # never two owners
-    assert isinstance(missing, emails.Skip) and missing.reason == "missing"
+    assert isinstance(a, Claim) and isinstance(b, Claim)
+    assert isinstance(repeat, Skip) and repeat.reason == "busy"  # never two owners
+    assert isinstance(missing, Skip) and missing.reason == "missing"
     assert len(a.event_ids) == len(b.event_ids) == 1  # the PROCESSING callbacks
-    (again,) = await emails.claim_many(stack.db, [first], lease_s=60, info={})
-    assert isinstance(again, emails.Skip) and again.reason == "busy"
+    (again,) = await claim_many(stack.db, [first], lease_s=60, info={})
+    assert isinstance(again, Skip) and again.reason == "busy"
 
     # Send stamps: only under the claim that holds the row (a stale token stamps nothing).
     stale = dataclasses.replace(b, token="not-the-owner")
-    assert await emails.mark_sending_many(stack.db, [a, stale, b], lease_s=60) == [
+    assert await mark_sending_many(stack.db, [a, stale, b], lease_s=60) == [
         True,
         False,
         True,
@@ -540,9 +543,9 @@ async def test_claims_and_sent_records_in_one_batch(stack: Stack) -> None:
     )
     assert all(row["send_started_at"] is not None for row in marks)
 
-    recorded = await emails.mark_sent_many(
+    recorded = await mark_sent_many(
         stack.db,
-        [emails.Sent(a, "msg-a", {}), emails.Sent(b, "msg-b", {}), emails.Sent(a, "msg-x", {})],
+        [Sent(a, "msg-a", {}), Sent(b, "msg-b", {}), Sent(a, "msg-x", {})],
     )
     assert [len(ids) for ids in recorded] == [1, 1, 0]  # the second SENT for `a` changes nothing
     rows = await wait_statuses(stack.db, [first, second], {"SENT"}, timeout=1)
@@ -550,4 +553,4 @@ async def test_claims_and_sent_records_in_one_batch(stack: Stack) -> None:
         first: "msg-a",
         second: "msg-b",
     }
-    assert await emails.mark_sent_many(stack.db, [emails.Sent(b, "msg-late", {})]) == [[]]
+    assert await mark_sent_many(stack.db, [Sent(b, "msg-late", {})]) == [[]]

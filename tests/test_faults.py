@@ -44,8 +44,8 @@ from conftest import (
 from receiver import Answer, Received, Receiver
 from ses_emulator import SesEmulator
 
-from shared.broker import DEAD_LETTER_QUEUE, WORK_QUEUES
-from shared.settings import Settings
+from shared.infra.broker import DEAD_LETTER_QUEUE, WORK_QUEUES
+from shared.infra.settings import Settings
 
 SENDER = SES_SENDER
 WORKERS = ("reconciler", "expiry", "callbacks", "email", "ses-events")

@@ -42,9 +42,9 @@ from aiohttp.test_utils import TestClient
 from conftest import KeyFactory, ServiceProcess, db_rows, start_service
 from receiver import Receiver
 
-from shared.ids import new_event_id, new_record_id
-from shared.settings import Settings
-from shared.templates import TEMPLATE_NAME
+from shared.email.templates import TEMPLATE_NAME
+from shared.infra.ids import new_event_id, new_record_id
+from shared.infra.settings import Settings
 
 Client = TestClient[web.Request, web.Application]
 JSON_HEADERS = {"Content-Type": "application/json"}

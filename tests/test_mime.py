@@ -1,4 +1,5 @@
-"""shared.mime: attachment allow-list, template rendering, header checks, raw message, size."""
+"""shared.email.mime: attachment allow-list, template rendering, header checks, raw message,
+size."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shared.mime import (
+from shared.email.mime import (
     ALLOWED_ATTACHMENT_TYPES,
     MAX_FILENAME_CHARS,
     MAX_HEADER_CHARS,

@@ -42,13 +42,13 @@ from conftest import SES_SENDER, ServiceProcess, db_rows, isolated_ses, start_se
 from receiver import Receiver
 from ses_emulator import SesEmulator, max_in_window
 
-from shared.broker import WORK_QUEUES
-from shared.settings import Settings
+from shared.infra.broker import WORK_QUEUES
+from shared.infra.settings import Settings
 
 SENDER = SES_SENDER
 RATE = 20  # AWS_SES_SEND_LIMIT_PER_SEC, for the whole fleet
 # Send slots are (1 s + margin) / RATE apart and a request may reach SES up to `margin` after
-# its slot (shared/ratelimit.py). On this 2-core machine, shared with other test runs, a
+# its slot (shared/email/ratelimit.py). On this 2-core machine, shared with other test runs, a
 # worker's event loop is often 50-150 ms late, so 250 ms (as in test_email_ses.py) rather
 # than the 15 ms default; it costs margin / (1 s + margin) of the rate.
 MARGIN_MS = 250

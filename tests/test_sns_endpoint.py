@@ -12,8 +12,8 @@ from sns_signing import TOPIC_ARN, SnsTestSigner, dumps
 
 from gateway.app import create_app
 from gateway.app_keys import SNS_HTTP
-from shared.db import Database
-from shared.settings import Settings
+from shared.infra.db import Database
+from shared.infra.settings import Settings
 
 Client = TestClient[web.Request, web.Application]
 

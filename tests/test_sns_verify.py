@@ -32,7 +32,7 @@ from sns_signing import (
     sns_timestamp,
 )
 
-from shared.sns import (
+from shared.email.tracking.sns import (
     HttpCertFetcher,
     SnsCertFetchError,
     SnsVerificationError,

@@ -7,9 +7,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from shared import suppressions
-from shared.db import Database
-from shared.settings import Settings
+from shared.email import suppressions
+from shared.infra.db import Database
+from shared.infra.settings import Settings
 
 Client = TestClient[web.Request, web.Application]
 

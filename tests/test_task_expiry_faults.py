@@ -24,12 +24,13 @@ from conftest import AMQP_BASE, ServiceProcess, eventually, run_command, start_s
 from pydantic import SecretStr
 
 from gateway.app_keys import DB
-from shared import tasks
-from shared.broker import WORK_QUEUES
-from shared.db import Database, utcnow
-from shared.ids import new_record_id
-from shared.resources import open_broker, open_database
-from shared.settings import Settings
+from shared.infra.broker import WORK_QUEUES
+from shared.infra.db import Database, utcnow
+from shared.infra.ids import new_record_id
+from shared.infra.resources import open_broker, open_database
+from shared.infra.settings import Settings
+from shared.tasks.rules import epoch_ms, to_db_time
+from shared.tasks.timers import publish_timer
 
 Client = TestClient[web.Request, web.Application]
 
@@ -189,9 +190,7 @@ async def test_kill_9_expiry_worker_mid_storm(
             ids = await write_storm(db, key_id, due)
             await asyncio.gather(
                 *(
-                    tasks.publish_timer(
-                        broker, task_id, tasks.epoch_ms(tasks.to_db_time(due)) + i % 1000
-                    )
+                    publish_timer(broker, task_id, epoch_ms(to_db_time(due)) + i % 1000)
                     for i, task_id in enumerate(ids)
                 )
             )
@@ -227,7 +226,7 @@ async def test_kill_9_expiry_worker_mid_storm(
 async def write_storm(db: Database, key_id: int, due: datetime) -> list[str]:
     ids = [new_record_id() for _ in range(STORM)]
     now = utcnow()
-    base = tasks.to_db_time(due)
+    base = to_db_time(due)
     async with db.transaction() as cur:
         await cur.executemany(
             "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"

@@ -34,15 +34,21 @@ from conftest import AMQP_BASE, db_rows, eventually, start_service
 from pydantic import SecretStr
 from receiver import Receiver
 
-from gateway.app import create_app
+from cli.app import create_app
 from gateway.app_keys import BROKER, DB
 from schemas.messages import ExpireTask, ExpireTasks, Timer
-from shared import tasks
-from shared.batching import Batcher
-from shared.broker import Broker, BrokerUnavailable, Publish, write_confirmed
-from shared.db import Database, rerun_if_rolled_back, utcnow
-from shared.ids import new_record_id
-from shared.settings import Settings
+from shared.infra.batching import Batcher
+from shared.infra.broker import Broker, BrokerUnavailable, Publish, write_confirmed
+from shared.infra.db import Database, rerun_if_rolled_back, utcnow
+from shared.infra.ids import new_record_id
+from shared.infra.settings import Settings
+from shared.tasks import timers as task_timers
+from shared.tasks.add import add_task
+from shared.tasks.expiry import expire_due_in_db, expire_tasks, expire_tasks_in_db
+from shared.tasks.model import Added, IdempotencyConflict
+from shared.tasks.remove import remove_task
+from shared.tasks.rules import epoch_ms, to_db_time
+from shared.tasks.timers import TimersNotPublished
 from workers.expiry import republish_unsent_timers
 from workers.reconciler import Reconciler, lock_name
 from workers.registry import WORKERS
@@ -132,7 +138,7 @@ async def key_id_of(db: Database, key: dict[str, Any]) -> int:
 async def insert_pending(db: Database, key_id: int, due: datetime, count: int = 1) -> list[str]:
     """PENDING rows written straight to MySQL, with no timer of their own; their ids."""
     ids = [new_record_id() for _ in range(count)]
-    expire_at = tasks.to_db_time(due.astimezone(UTC))
+    expire_at = to_db_time(due.astimezone(UTC))
     async with db.transaction() as cur:
         await cur.executemany(
             "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"
@@ -161,7 +167,7 @@ async def test_add_then_expire_records_add_then_expired(client: Client, make_key
     assert pending["expire_date"] == iso(due) and pending["expired_at"] is None
 
     row = await wait_status(db, task_id, "EXPIRED", timeout=10)
-    expire_at = tasks.to_db_time(due)
+    expire_at = to_db_time(due)
     assert row["expire_at"] == expire_at
     assert row["fired_by"] in BY_EXPIRY_WORKER
     lateness = (row["expired_at"] - expire_at).total_seconds()
@@ -246,7 +252,7 @@ async def test_expiry_date_forms(client: Client, make_key: Any) -> None:
     )
     task_id = (await add(client, key, local.isoformat()))["taskId"]
     row = await task_row(db, task_id)
-    assert row["expire_at"] == tasks.to_db_time(local)
+    assert row["expire_at"] == to_db_time(local)
     assert (await events(db, task_id))[0]["payload"]["expire_data"] == iso(local)
 
 
@@ -545,7 +551,7 @@ async def test_a_refused_add_does_not_fail_the_others_in_its_batch(
     async def add_direct(
         data: dict[str, Any], idempotency_key: str | None = None, key: int | None = None
     ) -> Any:
-        return await tasks.add_task(
+        return await add_task(
             db,
             broker,
             key_id=key_id if key is None else key,
@@ -571,11 +577,11 @@ async def test_a_refused_add_does_not_fail_the_others_in_its_batch(
     plain = [*outcomes[:10], *outcomes[15:]]
     conflict, retry, pair_a, pair_b, refused = outcomes[10:15]
     assert isinstance(refused, pymysql.err.DataError)
-    assert isinstance(conflict, tasks.IdempotencyConflict)
-    assert isinstance(retry, tasks.Added) and retry.task_id == first.task_id and not retry.created
-    assert isinstance(pair_a, tasks.Added) and isinstance(pair_b, tasks.Added)
+    assert isinstance(conflict, IdempotencyConflict)
+    assert isinstance(retry, Added) and retry.task_id == first.task_id and not retry.created
+    assert isinstance(pair_a, Added) and isinstance(pair_b, Added)
     assert pair_a.task_id == pair_b.task_id and [pair_a.created, pair_b.created].count(True) == 1
-    assert all(isinstance(a, tasks.Added) and a.created for a in plain)
+    assert all(isinstance(a, Added) and a.created for a in plain)
 
     rows = await db.fetchall("SELECT task_id, data FROM tasks WHERE api_key_id = %s", (key_id,))
     stored = {row["task_id"]: json.loads(row["data"]) for row in rows}
@@ -713,7 +719,7 @@ async def test_detached_publishes_beyond_the_limit_make_the_caller_wait(
     migrated: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A broker that confirms slowly slows the adds down instead of piling up publishes."""
-    monkeypatch.setattr("shared.broker.DETACHED_LIMIT", 2)
+    monkeypatch.setattr("shared.infra.broker.DETACHED_LIMIT", 2)
     broker = await Broker.connect(migrated)
     release = asyncio.Event()
     try:
@@ -779,13 +785,13 @@ async def test_duplicate_timers_fire_exactly_once(client: Client, make_key: Any)
     db, broker = db_of(client), client.app[BROKER]
     task_id = (await add(client, key, in_ms(300)))["taskId"]
     row = await task_row(db, task_id)
-    due_ms = tasks.epoch_ms(row["expire_at"])
+    due_ms = epoch_ms(row["expire_at"])
     await asyncio.gather(
         *(
             broker.publish(ExpireTask(task_id=task_id, due_at_ms=due_ms), message_id=task_id)
             for _ in range(10)
         ),
-        *(tasks.expire_tasks(db, broker, [task_id], source="reconciler") for _ in range(3)),
+        *(expire_tasks(db, broker, [task_id], source="reconciler") for _ in range(3)),
     )
     await wait_status(db, task_id, "EXPIRED", timeout=5)
     await asyncio.sleep(1.5)  # the original timer (~300 ms) and the duplicates have arrived
@@ -811,10 +817,10 @@ async def test_timers_sharing_a_message_fire_each_at_its_own_time(
     removed = ids.pop(1)
     await db.execute("UPDATE tasks SET status = 'REMOVED' WHERE task_id = %s", (removed,))
     timers = [
-        Timer(task_id=task_id, due_at_ms=tasks.epoch_ms((await task_row(db, task_id))["expire_at"]))
+        Timer(task_id=task_id, due_at_ms=epoch_ms((await task_row(db, task_id))["expire_at"]))
         for task_id in [*ids, removed]
     ]
-    [(command, delay_ms, message_id)] = tasks.timer_messages(
+    [(command, delay_ms, message_id)] = task_timers.timer_messages(
         timers, int(start.timestamp() * 1000), broker.cascade.unit_ms
     )
     assert isinstance(command, ExpireTasks) and delay_ms == 1000
@@ -845,7 +851,7 @@ async def test_reconciler_fires_a_task_whose_timer_was_never_published(
     await db.execute(
         "INSERT INTO tasks (task_id, api_key_id, data, expire_at, created_at)"
         " VALUES (%s, %s, %s, %s, %s)",
-        (task_id, key_id, '{"lost": true}', tasks.to_db_time(overdue.replace(tzinfo=UTC)), overdue),
+        (task_id, key_id, '{"lost": true}', to_db_time(overdue.replace(tzinfo=UTC)), overdue),
     )
     row = await wait_status(
         db, task_id, "EXPIRED", timeout=settings.RECONCILE_INTERVAL_SECONDS + 10
@@ -885,7 +891,7 @@ async def test_a_timer_the_broker_refused_is_re_published_and_fires_on_time(
     await down.close()
     unsent = "SELECT task_id FROM task_timers_unsent WHERE task_id = %s"
     async with reconciler_paused(db, settings):
-        added = await tasks.add_task(
+        added = await add_task(
             db,
             down,
             key_id=await key_id_of(db, key),
@@ -940,10 +946,10 @@ async def test_due_scans_skip_rows_another_transaction_holds(client: Client, mak
     async with db.transaction() as cur:
         await cur.execute("SELECT id FROM tasks WHERE task_id = %s FOR UPDATE", (held,))
         fired = await asyncio.wait_for(
-            tasks.expire_due_in_db(db, before=before, limit=10_000, source="reconciler"), 5
+            expire_due_in_db(db, before=before, limit=10_000, source="reconciler"), 5
         )
         assert held not in fired.task_ids
-    fired = await tasks.expire_due_in_db(db, before=before, limit=10_000, source="reconciler")
+    fired = await expire_due_in_db(db, before=before, limit=10_000, source="reconciler")
     row = await wait_status(db, held, "EXPIRED", timeout=5)  # here, or by a timer's batch
     assert held in fired.task_ids or row["fired_by"] in BY_EXPIRY_WORKER
 
@@ -958,8 +964,8 @@ async def test_batches_and_due_scans_at_once_never_deadlock_and_fire_each_task_o
     ids = await insert_pending(db, await key_id_of(db, key), in_ms(-1000), count=1200)
 
     async def batch(listed: list[str]) -> list[str]:
-        by_timer = await tasks.expire_tasks_in_db(db, listed, source="timer")
-        by_scan = await tasks.expire_due_in_db(db, before=utcnow(), limit=50, source="scan")
+        by_timer = await expire_tasks_in_db(db, listed, source="timer")
+        by_scan = await expire_due_in_db(db, before=utcnow(), limit=50, source="scan")
         return by_timer.task_ids + by_scan.task_ids
 
     shuffled = random.sample(ids, len(ids))
@@ -1017,7 +1023,7 @@ async def test_a_remove_picked_as_a_deadlock_victim_runs_again(
     db, broker = db_of(client), client.app[BROKER]
     key_id = await key_id_of(db, await make_key())
     [task_id] = await insert_pending(db, key_id, in_ms(3_600_000))
-    far = tasks.to_db_time(in_ms(7_200_000))
+    far = to_db_time(in_ms(7_200_000))
     newest = await db.fetchone("SELECT COALESCE(MAX(id), 0) AS id FROM callback_events")
     assert newest is not None
     with contextlib.suppress(_RollBack):
@@ -1032,9 +1038,7 @@ async def test_a_remove_picked_as_a_deadlock_victim_runs_again(
             await cur.execute(
                 "SELECT id FROM callback_events WHERE id > %s FOR UPDATE", (newest["id"],)
             )
-            removing = asyncio.create_task(
-                tasks.remove_task(db, broker, key_id=key_id, task_id=task_id)
-            )
+            removing = asyncio.create_task(remove_task(db, broker, key_id=key_id, task_id=task_id))
             await asyncio.sleep(0.5)  # it holds the task's row and waits for the gap
             assert not removing.done()
             # Now each waits for the other: InnoDB rolls the remove back (1213).
@@ -1066,7 +1070,7 @@ async def test_an_add_picked_as_a_deadlock_victim_runs_again(
                 "SELECT id FROM callback_events WHERE id > %s FOR UPDATE", (newest_event["id"],)
             )
             adding = asyncio.create_task(
-                tasks.add_task(
+                add_task(
                     db,
                     broker,
                     key_id=key_id,
@@ -1135,7 +1139,7 @@ async def test_a_failing_sweep_does_not_keep_the_others_from_running(
     ran: list[str] = []
 
     async def refused(_: Context) -> int:
-        raise tasks.TimersNotPublished(BrokerUnavailable("refused"), [])
+        raise TimersNotPublished(BrokerUnavailable("refused"), [])
 
     async def broken(_: Context) -> int:
         raise RuntimeError("a bad row")
@@ -1276,7 +1280,7 @@ async def test_timers_sharing_a_message_beyond_one_pass_are_re_published_togethe
     due = datetime.now(UTC) + timedelta(milliseconds=UNIT_MS * (max_units + 20) + 20)
     ids = await insert_pending(db, await key_id_of(db, key), due, count=3)
     removed = ids.pop()
-    due_ms = tasks.epoch_ms((await task_row(db, removed))["expire_at"])
+    due_ms = epoch_ms((await task_row(db, removed))["expire_at"])
     command = ExpireTasks(timers=tuple(Timer(task_id=t, due_at_ms=due_ms) for t in [*ids, removed]))
     await broker.publish(command, delay_ms=UNIT_MS * max_units, message_id="beyond")
     await db.execute("UPDATE tasks SET status = 'REMOVED' WHERE task_id = %s", (removed,))

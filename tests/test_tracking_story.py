@@ -26,12 +26,12 @@ from ses_emulator import SesEmulator
 from sns_signing import TOPIC_ARN, SnsTestSigner, dumps
 from test_sns_endpoint import FakeSns
 
-from gateway.app import create_app
+from cli.app import create_app
 from gateway.app_keys import SNS_HTTP
-from shared.db import Database
-from shared.migrate import migrate
-from shared.pixel import GIF, pixel_token
-from shared.settings import Settings
+from shared.email.tracking.pixel import GIF, pixel_token
+from shared.infra.db import Database
+from shared.infra.migrate import migrate
+from shared.infra.settings import Settings
 from workers.registry import WORKERS
 
 SENDER = SES_SENDER

@@ -16,13 +16,14 @@ from cryptography.exceptions import InvalidTag
 
 from schemas.api_keys import iso_utc
 from schemas.messages import ExpireTask, ExpireTasks, Timer
-from shared import crypto, ids
-from shared.batching import BatcherPerOwner
-from shared.clock import sleep_until
-from shared.durations import DurationError, expiry_after
-from shared.logs import _redact
-from shared.settings import Settings
-from shared.tasks import epoch_ms, timer_messages
+from shared.infra import crypto, ids
+from shared.infra.batching import BatcherPerOwner
+from shared.infra.clock import sleep_until
+from shared.infra.logs import _redact
+from shared.infra.settings import Settings
+from shared.keys.durations import DurationError, expiry_after
+from shared.tasks.rules import epoch_ms
+from shared.tasks.timers import timer_messages
 from workers.consumer import Acks
 
 START = datetime(2024, 1, 31, 12, 0, 0)
@@ -112,7 +113,7 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
 
     from prometheus_client import generate_latest
 
-    import shared.metrics  # noqa: F401 - registers every metric
+    import shared.infra.metrics  # noqa: F401 - registers every metric
 
     dashboard = json.loads(
         (Path(__file__).parent.parent / "deploy/grafana/queue-server.json").read_text()
@@ -125,7 +126,7 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
 
 
 def test_pixel_tokens_verify_and_refuse_anything_else() -> None:
-    from shared.pixel import email_id_from_token, pixel_token
+    from shared.email.tracking.pixel import email_id_from_token, pixel_token
 
     salt = "pixel-salt-0123456789abcdef-0123456789"
     token = pixel_token(salt, "abc-123")

@@ -17,18 +17,18 @@ import pytest
 from pydantic import ValidationError
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from shared import callbacks
-from shared.batching import Batcher
-from shared.crypto import new_webhook_secret
-from shared.settings import Settings
-from shared.signing import callback_token, verify_callback_token
-from shared.webhooks import (
+from shared.callbacks import delivery
+from shared.callbacks.signing import callback_token, verify_callback_token
+from shared.callbacks.webhooks import (
     DestinationRefused,
     NetworkPolicy,
     Signer,
     parse_retry_after,
     standard_signature,
 )
+from shared.infra.batching import Batcher
+from shared.infra.crypto import new_webhook_secret
+from shared.infra.settings import Settings
 
 SALT = "a-test-salt-that-is-long-enough-0123456789"
 BODY = json.dumps({"queue_id": "q1", "event": "ADD", "data": {"a": 1}}, separators=(",", ":"))
@@ -166,24 +166,24 @@ def test_socket_factory_checks_the_address_it_connects_to() -> None:
 SCHEDULE = (0.0, 5.0, 300.0)
 
 
-def decide(step: int, status: int | None, retry_after: float | None = None) -> callbacks.Outcome:
-    return callbacks.decide(
+def decide(step: int, status: int | None, retry_after: float | None = None) -> delivery.Outcome:
+    return delivery.decide(
         SCHEDULE, step, status_code=status, retry_after=retry_after, retry_after_max=60
     )
 
 
 def test_decide_success_gone_and_exhaustion() -> None:
-    assert decide(0, 204).status == callbacks.DELIVERED
-    assert decide(1, 410).status == callbacks.GONE
+    assert decide(0, 204).status == delivery.DELIVERED
+    assert decide(1, 410).status == delivery.GONE
     for status in (None, 301, 400, 500):
-        assert decide(2, status).status == callbacks.FAILED
-    assert decide(2, 500).label == callbacks.FAILED
+        assert decide(2, status).status == delivery.FAILED
+    assert decide(2, 500).label == delivery.FAILED
 
 
 def test_decide_retries_with_jitter_through_the_schedule() -> None:
     for _ in range(50):
         outcome = decide(0, 503)
-        assert outcome.status == callbacks.PENDING and outcome.label == callbacks.RETRY
+        assert outcome.status == delivery.PENDING and outcome.label == delivery.RETRY
         assert outcome.step == 1 and 4.0 <= outcome.delay_seconds <= 6.0
     assert 240 <= decide(1, None).delay_seconds <= 360
 

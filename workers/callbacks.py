@@ -21,11 +21,27 @@ import structlog
 from cryptography.exceptions import InvalidTag
 
 from schemas.messages import Command, DeliverCallback, DeliverCallbacks
-from shared import callbacks, crypto, metrics, webhooks
-from shared.batching import Batcher
-from shared.broker import BrokerUnavailable, cascade_for
-from shared.callbacks import Claim, Delivery, Finished
-from shared.db import utcnow
+from shared.callbacks import webhooks
+from shared.callbacks.delivery import (
+    FAILED,
+    PENDING,
+    SENDING,
+    AttemptLog,
+    Claim,
+    Delivery,
+    Finished,
+    Outcome,
+    claim_batch,
+    decide,
+    finish_batch,
+    release,
+    requeue_overdue,
+)
+from shared.callbacks.outbox import publish_events
+from shared.infra import crypto, metrics
+from shared.infra.batching import Batcher
+from shared.infra.broker import BrokerUnavailable, cascade_for
+from shared.infra.db import utcnow
 from workers.consumer import QueueConsumer, Reject, Retry, backoff_ms
 from workers.runtime import Context
 
@@ -200,7 +216,7 @@ class CallbackWorker:
 
     def _not_claimed(self, delivery: Delivery) -> None:
         """The event may not be sent now: finished, not yet due, or leased to another attempt."""
-        if delivery.status == callbacks.SENDING:
+        if delivery.status == SENDING:
             # Another worker holds it, or one that died did (this may be its message coming
             # back from the broker): look again once the lease has run out.
             raise Retry(max(0, delivery.due_in_ms) + BUSY_BASE_MS, "leased by another attempt")
@@ -213,12 +229,12 @@ class CallbackWorker:
         delay_ms = min(
             backoff_ms(deferrals, base_ms=BUSY_BASE_MS, cap_ms=BUSY_CAP_MS), self._max_wait_ms
         )
-        await callbacks.release(self._ctx.db, delivery, delay_seconds=delay_ms / 1000)
+        await release(self._ctx.db, delivery, delay_seconds=delay_ms / 1000)
         raise Retry(delay_ms, "key at its in-flight limit")
 
     async def _attempt(
         self, delivery: Delivery
-    ) -> tuple[webhooks.AttemptResult, datetime, callbacks.Outcome | None]:
+    ) -> tuple[webhooks.AttemptResult, datetime, Outcome | None]:
         """POST the event: what came of it, when it started, and the outcome if already known."""
         settings = self._ctx.settings
         started_at = utcnow()
@@ -228,7 +244,7 @@ class CallbackWorker:
             log.error("callback.secret_unreadable", api_key_id=delivery.api_key_id)
             error = "webhook secret unreadable (SALT changed?); not delivered"
             result = webhooks.AttemptResult(status_code=None, latency_ms=0, error=error)
-            return result, started_at, callbacks.Outcome(callbacks.FAILED, delivery.schedule_step)
+            return result, started_at, Outcome(FAILED, delivery.schedule_step)
         result = await webhooks.post(
             self._session_or_fail(),
             delivery.return_api or "",
@@ -254,12 +270,12 @@ class CallbackWorker:
         delivery: Delivery,
         result: webhooks.AttemptResult,
         started_at: datetime,
-        outcome: callbacks.Outcome | None = None,
+        outcome: Outcome | None = None,
     ) -> None:
         """Log the attempt, move the event on (if still ours) and schedule its next attempt."""
         settings = self._ctx.settings
         if outcome is None:
-            outcome = callbacks.decide(
+            outcome = decide(
                 settings.CALLBACK_RETRY_SCHEDULE,
                 delivery.schedule_step,
                 status_code=result.status_code,
@@ -268,7 +284,7 @@ class CallbackWorker:
             )
         if outcome.delay_seconds * 1000 > self._max_wait_ms:
             outcome = replace(outcome, delay_seconds=self._max_wait_ms / 1000)
-        attempt = callbacks.AttemptLog(
+        attempt = AttemptLog(
             attempted_at=started_at,
             url=delivery.return_api or "",
             status_code=result.status_code,
@@ -288,7 +304,7 @@ class CallbackWorker:
             ms=result.latency_ms,
             error=result.error,
         )
-        if held and outcome.status == callbacks.PENDING:
+        if held and outcome.status == PENDING:
             await self._schedule(delivery.event_id, outcome.delay_seconds)
 
     async def _schedule(self, event_id: str, delay_seconds: float, attempt: int = 0) -> None:
@@ -303,10 +319,10 @@ class CallbackWorker:
             log.warning("callback.schedule_deferred", error=str(exc))
 
     async def _claim(self, event_ids: list[str]) -> list[Claim]:
-        return await callbacks.claim_batch(self._ctx.db, event_ids, lease_seconds=self._lease)
+        return await claim_batch(self._ctx.db, event_ids, lease_seconds=self._lease)
 
     async def _finish(self, finished: list[Finished]) -> list[bool]:
-        return await callbacks.finish_batch(self._ctx.db, finished)
+        return await finish_batch(self._ctx.db, finished)
 
     def _session_or_fail(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -317,8 +333,6 @@ class CallbackWorker:
 async def sweep_overdue(ctx: Context) -> int:
     """The reconciler's sweep: re-publish events whose attempt is overdue (lost publish or timer,
     or a worker that died holding the lease)."""
-    ids = await callbacks.requeue_overdue(
-        ctx.db, grace_seconds=ctx.settings.RECONCILE_GRACE_SECONDS
-    )
-    await callbacks.publish_events(ctx.broker, ids)
+    ids = await requeue_overdue(ctx.db, grace_seconds=ctx.settings.RECONCILE_GRACE_SECONDS)
+    await publish_events(ctx.broker, ids)
     return len(ids)

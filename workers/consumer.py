@@ -4,7 +4,7 @@ Handlers are plain async functions of a command. Their outcome decides the messa
 return -> ack; `Retry` -> re-published through the delay cascade, then ack; `Reject` -> parked
 in the dead-letter queue; an unexpected error -> retried with backoff a bounded number of
 times, then parked. Every message may arrive twice, so handlers make their state changes
-conditional (see DESIGN.md).
+conditional (README, "Architecture").
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from schemas.messages import Command
-from shared import metrics
-from shared.broker import WORK_QUEUES, BrokerUnavailable, decode
-from shared.db import DatabaseUnavailable
+from shared.infra import metrics
+from shared.infra.broker import WORK_QUEUES, BrokerUnavailable, decode
+from shared.infra.db import DatabaseUnavailable
 from workers.runtime import Context
 
 log = structlog.get_logger("worker")

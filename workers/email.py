@@ -2,7 +2,7 @@
 
 It consumes both email queues. Transactional mail is never stuck behind promotional mail: the
 queues are separate, and the shared rate limiter lets promotional sends book slots only a
-short way ahead while transactional ones go first (shared/ratelimit.py).
+short way ahead while transactional ones go first (shared/email/ratelimit.py).
 
 Per command: claim (QUEUED -> PROCESSING, PROCESSING callback on the first claim) -> render
 and build the raw MIME -> send slot -> transport -> SENT with the provider's message id, or
@@ -10,7 +10,7 @@ ERROR (permanent rejection, or transient failures exhausted), or back to QUEUED 
 retry (throttling, transient failure, no slot in time). The message is acked only after that
 state change is committed; a worker killed mid-way leaves the command unacked (redelivered)
 and the claim expires after EMAIL_LEASE_SECONDS. An email whose send was stamped (it may have
-reached SES) is then not sent again but ends ERROR/SEND_UNCONFIRMED (shared.emails).
+reached SES) is then not sent again but ends ERROR/SEND_UNCONFIRMED (shared/email/sending.py).
 """
 
 from __future__ import annotations
@@ -26,15 +26,25 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from schemas.messages import Command, SendEmail
-from shared import emails, metrics
-from shared.batching import Batcher
-from shared.callbacks import publish_events
-from shared.db import DatabaseUnavailable
-from shared.mime import SES_MAX_RAW_BYTES, MimeError, build_raw_message, render_template
-from shared.pixel import pixel_url
-from shared.ratelimit import Grant, Priority, SendRateLimiter, SlotTimeout
-from shared.templates import TemplateCache, render_text
-from shared.transports import (
+from shared.callbacks.outbox import publish_events
+from shared.email.mime import SES_MAX_RAW_BYTES, MimeError, build_raw_message, render_template
+from shared.email.model import DESTINATIONS, PROMOTIONAL, TRANSACTIONAL
+from shared.email.ratelimit import Grant, Priority, SendRateLimiter, SlotTimeout
+from shared.email.sending import (
+    Claim,
+    Sent,
+    Skip,
+    claim_many,
+    load_attachments,
+    mark_error,
+    mark_sending_many,
+    mark_sent_many,
+    release,
+)
+from shared.email.sweeps import overdue, republish
+from shared.email.templates import TemplateCache, render_text
+from shared.email.tracking.pixel import pixel_url
+from shared.email.transports import (
     SEND_GATE,
     EmailTransport,
     OutgoingEmail,
@@ -42,6 +52,9 @@ from shared.transports import (
     SlotMissed,
     create_transport,
 )
+from shared.infra import metrics
+from shared.infra.batching import Batcher
+from shared.infra.db import DatabaseUnavailable
 from workers.consumer import QueueConsumer, Reject, Retry, backoff_ms
 from workers.runtime import Context
 
@@ -112,27 +125,25 @@ class EmailWorker:
             QueueConsumer(
                 ctx,
                 name=f"email-{kind.lower()}",
-                destination=emails.DESTINATIONS[kind],
+                destination=DESTINATIONS[kind],
                 handle=self._handler(priority),
                 prefetch=s.EMAIL_PREFETCH,
             )
             for kind, priority in (
-                (emails.TRANSACTIONAL, Priority.TRANSACTIONAL),
-                (emails.PROMOTIONAL, Priority.PROMOTIONAL),
+                (TRANSACTIONAL, Priority.TRANSACTIONAL),
+                (PROMOTIONAL, Priority.PROMOTIONAL),
             )
         ]
         # Claims, send stamps and SENT records of emails handled at the same time share one
         # transaction each.
-        self._claims: Batcher[str, emails.Claim | emails.Skip] = Batcher(
-            self._claim_batch, limit=DB_BATCH_LIMIT
-        )
+        self._claims: Batcher[str, Claim | Skip] = Batcher(self._claim_batch, limit=DB_BATCH_LIMIT)
         lease_s = s.EMAIL_LEASE_SECONDS
-        self._stamps: Batcher[emails.Claim, bool] = Batcher(
-            lambda batch: emails.mark_sending_many(ctx.db, batch, lease_s=lease_s),
+        self._stamps: Batcher[Claim, bool] = Batcher(
+            lambda batch: mark_sending_many(ctx.db, batch, lease_s=lease_s),
             limit=DB_BATCH_LIMIT,
         )
-        self._sent: Batcher[emails.Sent, list[str]] = Batcher(
-            lambda batch: emails.mark_sent_many(ctx.db, batch), limit=DB_BATCH_LIMIT
+        self._sent: Batcher[Sent, list[str]] = Batcher(
+            lambda batch: mark_sent_many(ctx.db, batch), limit=DB_BATCH_LIMIT
         )
         self._quota: tuple[float, float] | None = None  # (MaxSendRate, monotonic time read)
         self._quota_tried = float("-inf")
@@ -157,8 +168,8 @@ class EmailWorker:
         await self._limiter.stop()
         await self._transport.close()
 
-    async def _claim_batch(self, email_ids: list[str]) -> list[emails.Claim | emails.Skip]:
-        return await emails.claim_many(
+    async def _claim_batch(self, email_ids: list[str]) -> list[Claim | Skip]:
+        return await claim_many(
             self._ctx.db,
             email_ids,
             lease_s=self._ctx.settings.EMAIL_LEASE_SECONDS,
@@ -182,7 +193,7 @@ class EmailWorker:
     async def process(self, email_id: str, priority: Priority) -> None:
         """Handle one SendEmail command (the plain handler the consumer adapts)."""
         outcome = await self._claims.submit(email_id)
-        if isinstance(outcome, emails.Skip):
+        if isinstance(outcome, Skip):
             if outcome.reason == "busy":  # another worker holds it; look again after its lease
                 raise Retry(outcome.retry_in * 1000 + 1000, "claimed by another worker")
             if outcome.reason == "unconfirmed":
@@ -204,7 +215,7 @@ class EmailWorker:
             await self._finish_sent(outcome, message_id)
 
     async def _send_in_slot(
-        self, claimed: emails.Claim, message: OutgoingEmail, priority: Priority
+        self, claimed: Claim, message: OutgoingEmail, priority: Priority
     ) -> str | None:
         """Wait for a slot and send; returns the provider's message id, None when handled."""
         asked: float | None = time.monotonic()
@@ -234,7 +245,7 @@ class EmailWorker:
                 # Too late for its slot (or voided by a throttle): nothing was sent.
                 metrics.EMAIL_SLOTS_MISSED.inc()
 
-    async def _slot(self, claimed: emails.Claim, priority: Priority, size: int) -> Grant:
+    async def _slot(self, claimed: Claim, priority: Priority, size: int) -> Grant:
         """A booked slot, MARK_LEAD_S away at most, with the email stamped as being sent.
 
         `send_started_at` is stamped MARK_LEAD_S before the slot, so the commit's latency does
@@ -250,9 +261,7 @@ class EmailWorker:
             raise ClaimLost()
         return grant
 
-    async def _send_gated(
-        self, claimed: emails.Claim, message: OutgoingEmail, grant: Grant
-    ) -> str | None:
+    async def _send_gated(self, claimed: Claim, message: OutgoingEmail, grant: Grant) -> str | None:
         passed = False
         left = 0.0  # when the request went on the wire
 
@@ -279,12 +288,12 @@ class EmailWorker:
                     time.perf_counter() - left
                 )
 
-    async def _hand_back(self, claimed: emails.Claim) -> None:
+    async def _hand_back(self, claimed: Claim) -> None:
         """Stopping before the message left: release it so its redelivery sends it at once."""
         with contextlib.suppress(Exception):
-            await asyncio.shield(emails.release(self._ctx.db, claimed, retry_in=0))
+            await asyncio.shield(release(self._ctx.db, claimed, retry_in=0))
 
-    async def _on_failure(self, claimed: emails.Claim, failure: SendFailure) -> None:
+    async def _on_failure(self, claimed: Claim, failure: SendFailure) -> None:
         s = self._ctx.settings
         log.warning("email.send_failed", kind=failure.kind, code=failure.code)
         if failure.kind in ("throttled", "quota"):
@@ -306,7 +315,7 @@ class EmailWorker:
 
     async def _release(
         self,
-        claimed: emails.Claim,
+        claimed: Claim,
         delay_s: float,
         error: dict[str, Any] | None,
         *,
@@ -320,25 +329,25 @@ class EmailWorker:
         """
         db = self._ctx.db
         if not await through_outage(
-            lambda: emails.release(db, claimed, retry_in=delay_s, error=error, failed=failed)
+            lambda: release(db, claimed, retry_in=delay_s, error=error, failed=failed)
         ):
             return  # the claim was lost (lease expired, taken over): the new owner carries on
         metrics.EMAILS.labels("retried", claimed.row["type"]).inc()
         raise Retry(delay_s * 1000, why)
 
-    async def _finish_sent(self, claimed: emails.Claim, message_id: str) -> None:
+    async def _finish_sent(self, claimed: Claim, message_id: str) -> None:
         aws_data = {"MessageId": message_id, **self._transport.info()}
         # Only this process knows the message left: through a MySQL outage it keeps trying,
         # or the email would end SEND_UNCONFIRMED once its lease ran out.
         event_ids = await through_outage(
-            lambda: self._sent.submit(emails.Sent(claimed, message_id, aws_data))
+            lambda: self._sent.submit(Sent(claimed, message_id, aws_data))
         )
         log.info("email.sent", message_id=message_id)
         self._publish(event_ids)
 
-    async def _finish_error(self, claimed: emails.Claim, error: dict[str, Any]) -> None:
+    async def _finish_error(self, claimed: Claim, error: dict[str, Any]) -> None:
         info = self._transport.info()
-        event_ids = await emails.mark_error(self._ctx.db, claimed, error, info)
+        event_ids = await mark_error(self._ctx.db, claimed, error, info)
         log.warning("email.error", code=error.get("code"), reason=error.get("message"))
         self._publish(event_ids)
 
@@ -363,7 +372,7 @@ class EmailWorker:
 
     # --- building ----------------------------------------------------------------------
 
-    async def _build(self, claimed: emails.Claim) -> OutgoingEmail:
+    async def _build(self, claimed: Claim) -> OutgoingEmail:
         row = claimed.row
         data = json.loads(row["data"])
         html = None
@@ -373,7 +382,7 @@ class EmailWorker:
                 raise Unsendable("TemplateNotFound", f"template {row['template']!r} was removed")
             html = render_template(template, data)
         text = render_text(row["body_text"], data) if row["body_text"] is not None else None
-        files = await emails.load_attachments(self._ctx.db, row["id"]) if row["attachments"] else []
+        files = await load_attachments(self._ctx.db, row["id"]) if row["attachments"] else []
         kwargs: dict[str, Any] = {
             "from_name": row["short_name"],
             "from_addr": row["send_email"],
@@ -431,9 +440,9 @@ class EmailWorker:
 async def sweep_emails(ctx: Context) -> int:
     """Reconciler: re-publish emails whose command was never confirmed, lost, or whose worker
     died holding them."""
-    rows = await emails.overdue(
+    rows = await overdue(
         ctx.db,
         grace_s=ctx.settings.RECONCILE_GRACE_SECONDS,
         stale_s=ctx.settings.EMAIL_STALE_QUEUED_SECONDS,
     )
-    return await emails.republish(ctx.db, ctx.broker, rows)
+    return await republish(ctx.db, ctx.broker, rows)

@@ -28,11 +28,14 @@ from typing import Any
 import structlog
 
 from schemas.messages import Command, ExpireTask, ExpireTasks, Timer
-from shared import tasks
-from shared.callbacks import publish_events
-from shared.clock import sleep_until
-from shared.db import utcnow
-from shared.delay import remaining_ms
+from shared.callbacks.outbox import publish_events
+from shared.infra.clock import sleep_until
+from shared.infra.db import utcnow
+from shared.infra.delay import remaining_ms
+from shared.tasks.expiry import Expired, expire_due_in_db, expire_tasks_in_db
+from shared.tasks.model import FiredBy
+from shared.tasks.read import pending_of
+from shared.tasks.timers import TimersNotPublished, forget_unsent, publish_timers, unsent_timers
 from workers.consumer import QueueConsumer, Reject
 from workers.runtime import Context
 
@@ -158,11 +161,11 @@ class ExpiryBatcher:
         except Exception as exc:  # the reconciler's sweep fires them instead
             log.warning("expiry.due_scan_failed", error=str(exc))
 
-    async def _expire(self, batch: list[_Waiter]) -> tasks.Expired | None:
+    async def _expire(self, batch: list[_Waiter]) -> Expired | None:
         """Commit the batch, then settle every waiter (so its message is acked or retried)."""
         started = time.perf_counter()
         try:
-            expired = await tasks.expire_tasks_in_db(
+            expired = await expire_tasks_in_db(
                 self._ctx.db, [task_id for task_id, _ in batch], source="timer"
             )
         except Exception as exc:
@@ -233,10 +236,10 @@ class ExpiryWorker:
         # A removed or already fired task needs no timer for the rest of a long delay.
         if not timers:
             return
-        pending = await tasks.pending_of(self._ctx.db, [t.task_id for t in timers])
+        pending = await pending_of(self._ctx.db, [t.task_id for t in timers])
         if not pending:
             return
-        await tasks.publish_timers(self._ctx.broker, [t for t in timers if t.task_id in pending])
+        await publish_timers(self._ctx.broker, [t for t in timers if t.task_id in pending])
         log.info("task.timer_republished", count=len(pending))
 
 
@@ -257,14 +260,14 @@ async def sweep_overdue_tasks(ctx: Context) -> int:
 async def republish_unsent_timers(ctx: Context) -> int:
     """Re-publish the timers the broker did not take at add time (recorded as unsent), so their
     tasks fire on time once the broker is back; those it still refuses stay for next time."""
-    timers, read = await tasks.unsent_timers(ctx.db, limit=SWEEP_BATCH * SWEEP_MAX_BATCHES)
+    timers, read = await unsent_timers(ctx.db, limit=SWEEP_BATCH * SWEEP_MAX_BATCHES)
     refused: set[str] = set()
     try:
-        await tasks.publish_timers(ctx.broker, timers)
-    except tasks.TimersNotPublished as exc:
+        await publish_timers(ctx.broker, timers)
+    except TimersNotPublished as exc:
         refused = {t.task_id for t in exc.timers}
         log.warning("task.timers_still_unsent", count=len(refused), error=str(exc))
-    await tasks.forget_unsent(ctx.db, [task_id for task_id in read if task_id not in refused])
+    await forget_unsent(ctx.db, [task_id for task_id in read if task_id not in refused])
     return len(timers) - len(refused)
 
 
@@ -272,7 +275,7 @@ async def fire_due_tasks(
     ctx: Context,
     *,
     grace: timedelta,
-    source: tasks.FiredBy,
+    source: FiredBy,
     batch: int,
     publish: Callable[[list[str]], Coroutine[Any, Any, None]],
     max_batches: int | None = None,
@@ -292,7 +295,7 @@ async def fire_due_tasks(
         for _ in range(max_batches) if max_batches is not None else itertools.count():
             if stopping():
                 break
-            expired = await tasks.expire_due_in_db(
+            expired = await expire_due_in_db(
                 ctx.db, before=utcnow() - grace, limit=batch, source=source
             )
             fired += len(expired.task_ids)

@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable, Collection
 
 import structlog
 
-from shared.broker import BrokerUnavailable
-from shared.db import DatabaseUnavailable
-from shared.settings import Settings
+from shared.infra.broker import BrokerUnavailable
+from shared.infra.db import DatabaseUnavailable
+from shared.infra.settings import Settings
 from workers.runtime import Context
 
 log = structlog.get_logger("reconciler")

@@ -9,9 +9,9 @@ from contextlib import asynccontextmanager
 
 import structlog
 
-from shared.gc_tuning import freeze_startup_objects
-from shared.resources import open_broker, open_database
-from shared.settings import Settings
+from shared.infra.gc_tuning import freeze_startup_objects
+from shared.infra.resources import open_broker, open_database
+from shared.infra.settings import Settings
 from workers.registry import WORKERS
 from workers.runtime import Context, Service
 

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from shared.broker import Broker
-from shared.db import Database
-from shared.settings import Settings
+from shared.infra.broker import Broker
+from shared.infra.db import Database
+from shared.infra.settings import Settings
 
 
 @dataclass(frozen=True)

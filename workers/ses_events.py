@@ -10,10 +10,10 @@ from __future__ import annotations
 import structlog
 
 from schemas.messages import Command, ProcessSesEvent
-from shared.callbacks import publish_events
-from shared.db import utcnow
-from shared.ses_events import SNS_IGNORED, SNS_UNKNOWN, apply_ses_event, mark_sns
-from shared.tracking import SNS_PENDING, parse_ses_event
+from shared.callbacks.outbox import publish_events
+from shared.email.tracking.notifications import SNS_PENDING, parse_ses_event
+from shared.email.tracking.ses_events import SNS_IGNORED, SNS_UNKNOWN, apply_ses_event, mark_sns
+from shared.infra.db import utcnow
 from workers.consumer import QueueConsumer, Retry
 from workers.runtime import Context
 

@@ -11,10 +11,10 @@ from gateway.endpoints import EndpointTable
 from gateway.errors import ApiError, bad_request, not_found
 from schemas.api_keys import CreatedKey, CreateKey, DeleteKey, VerifiedToken, VerifyToken
 from schemas.common import Ok
-from shared import apikeys
-from shared.db import utcnow
-from shared.durations import DurationError, expiry_after
-from shared.signing import verify_callback_token
+from shared.callbacks.signing import verify_callback_token
+from shared.infra.db import utcnow
+from shared.keys import apikeys
+from shared.keys.durations import DurationError, expiry_after
 
 table = EndpointTable()
 

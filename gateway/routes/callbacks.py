@@ -25,7 +25,9 @@ from schemas.callbacks import (
     ReplayDeliveries,
     Replayed,
 )
-from shared import callbacks
+from shared.callbacks import records
+from shared.callbacks.delivery import FINISHED
+from shared.callbacks.outbox import publish_events
 
 table = EndpointTable()
 TAG = "Callbacks"
@@ -44,7 +46,7 @@ REPLAY_BATCH = 1000
     errors=(422,),
 )
 async def list_deliveries(request: web.Request, body: ListDeliveries) -> DeliveryPage:
-    rows, total = await callbacks.list_deliveries(
+    rows, total = await records.list_deliveries(
         request.app[DB],
         client_key(request).id,
         status=body.status,
@@ -71,10 +73,10 @@ async def list_deliveries(request: web.Request, body: ListDeliveries) -> Deliver
 )
 async def get_delivery(request: web.Request, body: GetDelivery) -> DeliveryWithAttempts:
     db = request.app[DB]
-    row = await callbacks.get_delivery(db, client_key(request).id, body.event_id)
+    row = await records.get_delivery(db, client_key(request).id, body.event_id)
     if row is None:
         raise not_found("no such callback event for this key", "CALLBACK_NOT_FOUND")
-    attempts = await callbacks.list_attempts(db, body.event_id)
+    attempts = await records.list_attempts(db, body.event_id)
     return DeliveryWithAttempts(
         delivery=DeliveryDetail.model_validate({**row, "payload": json.loads(row["payload"])}),
         attempts=[AttemptView.model_validate(a) for a in attempts],
@@ -94,15 +96,15 @@ async def get_delivery(request: web.Request, body: GetDelivery) -> DeliveryWithA
 async def replay(request: web.Request, body: ReplayDeliveries) -> Replayed:
     db, key_id = request.app[DB], client_key(request).id
     if body.event_id is not None:
-        before = await callbacks.replay(db, key_id, body.event_id)
+        before = await records.replay(db, key_id, body.event_id)
         if before is None:
             raise not_found("no such callback event for this key", "CALLBACK_NOT_FOUND")
-        if before not in callbacks.FINISHED:
+        if before not in FINISHED:
             raise ApiError(409, f"this delivery is still {before}", "CALLBACK_IN_PROGRESS")
         ids, more = [body.event_id], False
     else:
         assert body.since is not None  # the body model requires exactly one of the two
-        ids, more = await callbacks.replay_since(db, key_id, body.since, limit=REPLAY_BATCH)
+        ids, more = await records.replay_since(db, key_id, body.since, limit=REPLAY_BATCH)
     # After the commit; a lost publish is re-sent by the reconciler (the rows are PENDING).
-    await callbacks.publish_events(request.app[BROKER], ids)
+    await publish_events(request.app[BROKER], ids)
     return Replayed(replayed=len(ids), event_ids=ids, more=more)

@@ -25,8 +25,11 @@ from schemas.emails import (
     FetchSpecific,
     Queued,
 )
-from shared import emails
-from shared.mime import Attachment
+from shared.email.mime import Attachment
+from shared.email.model import MAX_FILES, EmailError
+from shared.email.queueing import queue_email
+from shared.email.records import fetch_page, fetch_records, record
+from shared.email.validation import new_email
 
 table = EndpointTable()
 TAG = "Email"
@@ -159,20 +162,20 @@ async def add_email(request: web.Request, _: None) -> Queued:
         request,
         text_limits={**_FIELD_BYTES, "data": settings.CLIENT_MAX_JSON_BYTES},
         file_fields={"files"},
-        max_files=emails.MAX_FILES,
+        max_files=MAX_FILES,
         max_total=settings.max_upload_bytes,
     )
     files = [Attachment(p.filename, p.content_type, p.data) for p in parts]
     try:
-        email = emails.new_email(fields, files)
-        queued = await emails.queue_email(
+        email = new_email(fields, files)
+        queued = await queue_email(
             request.app[DB],
             request.app[BROKER],
             key.id,
             email,
             idempotency_key=request.headers.get("Idempotency-Key"),
         )
-    except emails.EmailError as exc:
+    except EmailError as exc:
         raise ApiError(exc.status, exc.msg, exc.code) from exc
     return Queued(queue_id=queued.email_id)
 
@@ -188,8 +191,8 @@ async def add_email(request: web.Request, _: None) -> Queued:
 )
 async def fetch_specific_records(request: web.Request, body: FetchSpecific) -> EmailRecords:
     key = client_key(request)
-    rows = await emails.fetch_records(request.app[DB], key.id, body.email_ids)
-    return EmailRecords(result=[EmailRecord(**emails.record(r, key.masked)) for r in rows])
+    rows = await fetch_records(request.app[DB], key.id, body.email_ids)
+    return EmailRecords(result=[EmailRecord(**record(r, key.masked)) for r in rows])
 
 
 @table.route(
@@ -203,5 +206,5 @@ async def fetch_specific_records(request: web.Request, body: FetchSpecific) -> E
 )
 async def fetch_api_records(request: web.Request, body: FetchPage) -> EmailRecords:
     key = client_key(request)
-    rows = await emails.fetch_page(request.app[DB], key.id, page=body.page, amount=body.amount)
-    return EmailRecords(result=[EmailRecord(**emails.record(r, key.masked)) for r in rows])
+    rows = await fetch_page(request.app[DB], key.id, page=body.page, amount=body.amount)
+    return EmailRecords(result=[EmailRecord(**record(r, key.masked)) for r in rows])

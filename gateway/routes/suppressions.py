@@ -10,7 +10,7 @@ from gateway.endpoints import EndpointTable
 from gateway.errors import not_found
 from schemas.common import Ok
 from schemas.suppressions import ListSuppressions, RemoveSuppression, Suppression, SuppressionPage
-from shared import suppressions
+from shared.email import suppressions
 
 table = EndpointTable()
 

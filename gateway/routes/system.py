@@ -15,7 +15,7 @@ from gateway.endpoints import Endpoint, EndpointTable
 from gateway.openapi import build_document
 from schemas.api_keys import Pong
 from schemas.common import Ok
-from shared import metrics
+from shared.infra import metrics
 
 table = EndpointTable()
 READY_TIMEOUT_S = 2.0

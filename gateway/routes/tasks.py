@@ -9,20 +9,30 @@ from gateway.auth import Role, client_key
 from gateway.endpoints import EndpointTable
 from gateway.errors import ApiError
 from schemas.tasks import AddedTask, AddTask, RemovedTask, TaskRef, TaskState
-from shared import tasks
+from shared.tasks import add, read, remove
+from shared.tasks.model import (
+    BadIdempotencyKey,
+    DataTooLarge,
+    ExpiryOutOfRange,
+    IdempotencyConflict,
+    InvalidData,
+    TaskError,
+    TaskNotFound,
+    TaskNotPending,
+)
 
 table = EndpointTable()
 TAG = "Task queue"
 
 # Each refusal of the task service -> (HTTP status, error code).
-_ERRORS: dict[type[tasks.TaskError], tuple[int, str]] = {
-    tasks.ExpiryOutOfRange: (400, "EXPIRY_OUT_OF_RANGE"),
-    tasks.BadIdempotencyKey: (400, "BAD_IDEMPOTENCY_KEY"),
-    tasks.IdempotencyConflict: (409, "IDEMPOTENCY_CONFLICT"),
-    tasks.DataTooLarge: (413, "DATA_TOO_LARGE"),
-    tasks.InvalidData: (422, "VALIDATION"),
-    tasks.TaskNotFound: (404, "TASK_NOT_FOUND"),
-    tasks.TaskNotPending: (404, "TASK_NOT_PENDING"),
+_ERRORS: dict[type[TaskError], tuple[int, str]] = {
+    ExpiryOutOfRange: (400, "EXPIRY_OUT_OF_RANGE"),
+    BadIdempotencyKey: (400, "BAD_IDEMPOTENCY_KEY"),
+    IdempotencyConflict: (409, "IDEMPOTENCY_CONFLICT"),
+    DataTooLarge: (413, "DATA_TOO_LARGE"),
+    InvalidData: (422, "VALIDATION"),
+    TaskNotFound: (404, "TASK_NOT_FOUND"),
+    TaskNotPending: (404, "TASK_NOT_PENDING"),
 }
 
 
@@ -31,7 +41,7 @@ _ERRORS: dict[type[tasks.TaskError], tuple[int, str]] = {
 REMOVE_REFUSED = "QUE001_90012"
 
 
-def _api_error(exc: tasks.TaskError, **extra: object) -> ApiError:
+def _api_error(exc: TaskError, **extra: object) -> ApiError:
     status, code = _ERRORS[type(exc)]
     return ApiError(status, str(exc), code, **extra)
 
@@ -50,7 +60,7 @@ def _api_error(exc: tasks.TaskError, **extra: object) -> ApiError:
 )
 async def add_task(request: web.Request, body: AddTask) -> AddedTask:
     try:
-        added = await tasks.add_task(
+        added = await add.add_task(
             request.app[DB],
             request.app[BROKER],
             key_id=client_key(request).id,
@@ -59,7 +69,7 @@ async def add_task(request: web.Request, body: AddTask) -> AddedTask:
             max_data_bytes=request.app[SETTINGS].TASK_MAX_DATA_BYTES,
             idempotency_key=request.headers.get("Idempotency-Key"),
         )
-    except tasks.TaskError as exc:
+    except TaskError as exc:
         raise _api_error(exc) from exc
     return AddedTask(taskId=added.task_id)
 
@@ -77,16 +87,16 @@ async def add_task(request: web.Request, body: AddTask) -> AddedTask:
 )
 async def remove_task(request: web.Request, body: TaskRef) -> RemovedTask:
     try:
-        await tasks.remove_task(
+        await remove.remove_task(
             request.app[DB],
             request.app[BROKER],
             key_id=client_key(request).id,
             task_id=body.queue_id,
         )
-    except (tasks.TaskNotFound, tasks.TaskNotPending) as exc:
+    except (TaskNotFound, TaskNotPending) as exc:
         _, reason = _ERRORS[type(exc)]
         raise ApiError(404, str(exc), REMOVE_REFUSED, removed=False, reason=reason) from exc
-    except tasks.TaskError as exc:
+    except TaskError as exc:
         raise _api_error(exc, removed=False) from exc
     return RemovedTask()
 
@@ -103,10 +113,10 @@ async def remove_task(request: web.Request, body: TaskRef) -> RemovedTask:
 )
 async def get_task(request: web.Request, body: TaskRef) -> TaskState:
     try:
-        task = await tasks.get_task(
+        task = await read.get_task(
             request.app[DB], key_id=client_key(request).id, task_id=body.queue_id
         )
-    except tasks.TaskError as exc:
+    except TaskError as exc:
         raise _api_error(exc) from exc
     return TaskState(
         queue_id=task.task_id,

@@ -19,8 +19,8 @@ from schemas.emails import (
     TemplateSaved,
     TemplateUpload,
 )
-from shared import templates
-from shared.mime import check_header_value
+from shared.email import templates
+from shared.email.mime import check_header_value
 
 table = EndpointTable()
 TAG = "Email templates"

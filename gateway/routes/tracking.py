@@ -14,18 +14,18 @@ from gateway.endpoints import EndpointTable
 from gateway.errors import ApiError
 from schemas.common import Ok
 from schemas.messages import ProcessSesEvent
-from shared.broker import BrokerUnavailable
-from shared.callbacks import publish_events
-from shared.pixel import GIF, email_id_from_token
-from shared.ses_events import record_pixel_open
-from shared.sns import (
+from shared.callbacks.outbox import publish_events
+from shared.email.tracking.notifications import store_notification
+from shared.email.tracking.pixel import GIF, email_id_from_token
+from shared.email.tracking.ses_events import record_pixel_open
+from shared.email.tracking.sns import (
     NOTIFICATION,
     SUBSCRIPTION_CONFIRMATION,
     SnsCertFetchError,
     SnsVerificationError,
     verify_sns_message,
 )
-from shared.tracking import store_notification
+from shared.infra.broker import BrokerUnavailable
 
 log = structlog.get_logger("gateway.sns")
 table = EndpointTable()

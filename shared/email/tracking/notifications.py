@@ -8,8 +8,8 @@ from typing import Any, Protocol
 import aiohttp
 import pymysql
 
-from shared.db import Database
-from shared.sns import HttpCertFetcher, SnsCertFetchError, check_sns_url
+from shared.email.tracking.sns import HttpCertFetcher, SnsCertFetchError, check_sns_url
+from shared.infra.db import Database
 
 SNS_PENDING = "PENDING"
 

@@ -8,9 +8,9 @@ from contextlib import asynccontextmanager
 import structlog
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from shared.broker import Broker
-from shared.db import Database, DatabaseUnavailable
-from shared.settings import Settings
+from shared.infra.broker import Broker
+from shared.infra.db import Database, DatabaseUnavailable
+from shared.infra.settings import Settings
 
 log = structlog.get_logger(__name__)
 STARTUP_WAIT_S = 60

@@ -3,7 +3,7 @@
 Two signatures travel on every delivery, so receivers can use whichever their stack knows:
 
 * the original's ``Authorization: Bearer <JWT>`` (HS256 with SALT), now bound to the event id and
-  the exact body (:func:`shared.signing.callback_token`);
+  the exact body (:func:`shared.callbacks.signing.callback_token`);
 * Standard Webhooks (``webhook-id``, ``webhook-timestamp``, ``webhook-signature: v1,<base64>``,
   an HMAC-SHA256 of ``id.timestamp.body`` with the key's ``whsec_`` secret).
 
@@ -30,7 +30,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 import aiohttp
 from aiohappyeyeballs import AddrInfoType
 
-from shared.signing import callback_token
+from shared.callbacks.signing import callback_token
 
 Network = IPv4Network | IPv6Network
 

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from shared.settings import Settings
+from shared.infra.settings import Settings
 
 T = TypeVar("T")
 
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _setup_broker(settings: Settings) -> None:
-    from shared.resources import open_broker
+    from shared.infra.resources import open_broker
 
     async with open_broker(settings, setup=True):
         pass
@@ -83,9 +83,9 @@ def _serve_http(
 ) -> None:
     from aiohttp import web
 
-    from gateway.app import create_app
-    from shared.gc_tuning import freeze_startup_objects
-    from shared.migrate import migrate as apply_migrations
+    from cli.app import create_app
+    from shared.infra.gc_tuning import freeze_startup_objects
+    from shared.infra.migrate import migrate as apply_migrations
     from workers.registry import WORKERS
 
     if migrate:
@@ -113,7 +113,7 @@ def _serve_http(
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     settings = _load_settings()
-    from shared.logs import configure_logging
+    from shared.infra.logs import configure_logging
 
     configure_logging(settings)
     if args.command in ("run", "gateway"):
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         _run(serve_workers(settings, args.names))
     elif args.command == "migrate":
-        from shared.migrate import migrate as apply_migrations
+        from shared.infra.migrate import migrate as apply_migrations
 
         applied = _run(apply_migrations(settings))
         print(

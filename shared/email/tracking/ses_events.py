@@ -11,14 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomysql
-import structlog
 
-from shared import suppressions
-from shared.callbacks import record_events
-from shared.db import Database, Row, utcnow
-from shared.emails import ERROR, PROCESSING, QUEUED, SENT, status_event
-
-log = structlog.get_logger(__name__)
+from shared.callbacks.outbox import record_events
+from shared.email import suppressions
+from shared.email.model import ERROR, PROCESSING, QUEUED, SENT
+from shared.email.payloads import status_event
+from shared.infra.db import Database, Row, utcnow
 
 DELIVERED, BOUNCE, COMPLAINT, OPEN = "DELIVERED", "BOUNCE", "COMPLAINT", "OPEN"
 # Later in the list = further along; an event may only move an email to a higher rank.

@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     EMAIL_LEASE_SECONDS: float = Field(90, ge=10, le=3600)
     # Send slots are spaced (1 s + margin) / rate apart; a request not on the wire within
     # margin/3 of its slot is not made, and the rest covers the trip to SES. So no
-    # one-second window ever holds more than the rate (see shared/ratelimit.py). Costs
+    # one-second window ever holds more than the rate (see shared/email/ratelimit.py). Costs
     # margin/(1 s + margin) of the rate; raise it where the network to SES is jittery.
     EMAIL_RATE_MARGIN_MS: float = Field(15, ge=1, le=1000)
     # Promotional mail books send slots at most this far ahead, transactional mail up to

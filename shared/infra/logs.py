@@ -10,8 +10,8 @@ from typing import Any
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 
-from shared import metrics
-from shared.settings import Settings
+from shared.infra import metrics
+from shared.infra.settings import Settings
 
 # Keys whose values never reach a log line, whatever a caller binds by mistake.
 _SECRET_KEYS = frozenset(

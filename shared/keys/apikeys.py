@@ -13,8 +13,8 @@ from datetime import datetime
 
 import pymysql
 
-from shared import crypto, ids
-from shared.db import Database, Row, utcnow
+from shared.infra import crypto, ids
+from shared.infra.db import Database, Row, utcnow
 
 
 class KeyNameTaken(Exception):

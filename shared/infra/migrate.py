@@ -2,8 +2,8 @@
 
 Why not Alembic or yoyo: both need SQLAlchemy or a synchronous driver beside aiomysql, and all
 this service needs is "apply numbered SQL files once, in order, recorded". Files live in
-`shared/migrations/NNNN_name.sql`; statements are separated by a `;` at the end of a line. MySQL
-DDL commits implicitly, so each file is written to be safe to re-run (IF NOT EXISTS), and a
+`shared/infra/migrations/NNNN_name.sql`; statements are separated by a `;` at the end of a line.
+MySQL DDL commits implicitly, so each file is written to be safe to re-run (IF NOT EXISTS), and a
 named lock keeps two starting processes from applying the same file at once.
 """
 
@@ -17,8 +17,8 @@ from importlib import resources
 import aiomysql
 import structlog
 
-from shared.db import connect_kwargs
-from shared.settings import Settings
+from shared.infra.db import connect_kwargs
+from shared.infra.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +46,7 @@ def _only_comments(chunk: str) -> bool:
 
 
 def load_migrations() -> list[Migration]:
-    folder = resources.files("shared") / "migrations"
+    folder = resources.files("shared.infra") / "migrations"
     found = []
     for entry in folder.iterdir():
         match = _FILE.match(entry.name)

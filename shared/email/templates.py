@@ -1,6 +1,6 @@
 """Email templates in MySQL, so every gateway and worker sees the same ones.
 
-A template is one HTML file with `{{-NAME-}}` placeholders (rendered by shared.mime); its name
+A template is one HTML file with `{{-NAME-}}` placeholders (rendered by shared.email.mime); its name
 is the uploaded file's name without `.html`. Workers keep a copy per name and re-read the body
 only when its checksum changed.
 """
@@ -12,12 +12,12 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping
 
-from shared.db import Database
+from shared.infra.db import Database
 
 # The contract's limit ("max size 500kb").
 MAX_TEMPLATE_BYTES = 500 * 1024
 TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
-# Same placeholder syntax as shared.mime.render_template, for the plain-text body.
+# Same placeholder syntax as shared.email.mime.render_template, for the plain-text body.
 _PLACEHOLDER = re.compile(r"\{\{-\s*([A-Za-z0-9_]+)\s*-\}\}")
 
 

@@ -53,9 +53,9 @@ from enum import IntEnum
 import aiomysql
 import structlog
 
-from shared import metrics
-from shared.clock import sleep_until
-from shared.db import Database
+from shared.infra import metrics
+from shared.infra.clock import sleep_until
+from shared.infra.db import Database
 
 log = structlog.get_logger(__name__)
 

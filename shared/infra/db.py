@@ -12,7 +12,7 @@ import aiomysql
 import pymysql
 import structlog
 
-from shared.settings import Settings
+from shared.infra.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +49,11 @@ async def rerun_if_rolled_back(operation: Callable[[], Awaitable[T]]) -> T:
 def utcnow() -> datetime:
     """Naive UTC, the form every DATETIME column holds (sessions run with time_zone '+00:00')."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def placeholders(count: int) -> str:
+    """`%s, %s, …` for an `IN (…)` list of `count` values."""
+    return ", ".join(["%s"] * count)
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -134,7 +139,7 @@ class Database:
         """A cursor inside one transaction, committed on success and rolled back on error.
 
         `read_committed`: this transaction only runs at READ COMMITTED, where locking reads lock
-        the rows they return and no gaps between them (see shared.tasks' due scans).
+        the rows they return and no gaps between them (see shared/tasks/expiry.py's due scans).
         """
         async with self._connection() as conn:
             if read_committed:

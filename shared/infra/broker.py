@@ -29,9 +29,9 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from schemas.messages import COMMANDS, Command
-from shared.batching import Batcher
-from shared.delay import Cascade, check_destination, declare_cascade
-from shared.settings import Settings
+from shared.infra.batching import Batcher
+from shared.infra.delay import Cascade, check_destination, declare_cascade
+from shared.infra.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -23,7 +23,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from shared.settings import Settings
+from shared.infra.settings import Settings
 
 log = structlog.get_logger(__name__)
 

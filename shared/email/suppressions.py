@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import aiomysql
 
-from shared.db import Database, Row
+from shared.infra.db import Database, Row
 
 
 def normalise(address: str) -> str:

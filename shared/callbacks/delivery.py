@@ -1,8 +1,4 @@
-"""Callback events: the outbox producers write to, and the delivery state the worker keeps.
-
-Producers (task and email handlers) call `record_events` inside the transaction that changes
-their own row, then `publish_events` after the commit. A lost publish is harmless: the
-reconciler re-publishes PENDING events whose next attempt is overdue.
+"""The delivery state the callbacks worker keeps: claims, outcomes, attempts, and overdue sweeps.
 
 An event's life: PENDING (due at `next_attempt_at`) -> SENDING (claimed by one worker, leased
 until `next_attempt_at`) -> DELIVERED, GONE (the receiver said 410), FAILED (schedule used up),
@@ -10,29 +6,26 @@ or back to PENDING for the next attempt. Every change is conditional on the stat
 read (status and the `attempts` counter, which each claim bumps), so a stale or duplicate
 message can never POST an event another worker holds or has finished. Times that decide who may
 act are read from MySQL's clock, so workers whose clocks differ still agree.
+
+The worker claims and finishes events in batches (one statement or transaction for every event
+that arrived while the previous batch was being written): per delivery, MySQL sees a share of
+a commit rather than commits of its own, which is what lets one worker sustain thousands a
+second. A claim marks its rows with a random lease token; every later change made under the
+claim requires the token, so a worker whose lease was handed on can change nothing.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import aiomysql
-import structlog
 
-from schemas.messages import Command, DeliverCallback, DeliverCallbacks
-from shared.batching import BatcherPerOwner
-from shared.broker import Broker, publish_all
-from shared.db import Database, Row, rerun_if_rolled_back, utcnow
-from shared.ids import new_event_id
-
-log = structlog.get_logger(__name__)
-T = TypeVar("T")
+from shared.infra.db import Database, rerun_if_rolled_back
 
 PENDING = "PENDING"
 SENDING = "SENDING"
@@ -44,95 +37,6 @@ FINISHED = (DELIVERED, FAILED, GONE)
 # What "replay every failed delivery since ..." picks up.
 UNDELIVERED = (FAILED, GONE)
 RETRY = "RETRY"  # the outcome of an attempt that will be tried again
-# Events per DeliverCallbacks message (see publish_events).
-PUBLISH_BATCH = 100
-
-
-@dataclass(frozen=True)
-class NewEvent:
-    """One thing to tell a client: `payload` is the exact JSON body POSTed to its return_api."""
-
-    api_key_id: int
-    event_type: str
-    subject_id: str | None
-    payload: dict[str, Any]
-
-
-async def record_events(cur: aiomysql.Cursor, events: Sequence[NewEvent]) -> list[str]:
-    """Insert events in the caller's transaction; returns their ids (stable across attempts)."""
-    if not events:
-        return []
-    now = utcnow()
-    ids = [new_event_id() for _ in events]
-    await cur.executemany(
-        "INSERT INTO callback_events (event_id, api_key_id, event_type, subject_id, payload,"
-        " next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s)",
-        [
-            (
-                event_id,
-                e.api_key_id,
-                e.event_type,
-                e.subject_id,
-                json.dumps(e.payload, separators=(",", ":")),
-                now,
-            )
-            for event_id, e in zip(ids, events, strict=True)
-        ],
-    )
-    return ids
-
-
-async def publish_events(broker: Broker, event_ids: Sequence[str]) -> None:
-    """Hand committed events to the callbacks worker; failures are left to the reconciler.
-
-    Events committed together travel together, `PUBLISH_BATCH` to a message: in an expiry
-    storm a message per event cost the broker and both ends more than the POSTs did.
-    """
-    results = await publish_all(
-        broker.publish(command, message_id=message_id)
-        for command, message_id in delivery_commands(event_ids)
-    )
-    failed = [r for r in results if r is not None]
-    if failed:
-        log.warning("callback.publish_deferred", count=len(failed), error=str(failed[0]))
-
-
-async def publish_event(broker: Broker, event_id: str) -> None:
-    """Publish one committed event, in one message with the others published at the same
-    moment (concurrent requests' ADD events); like `publish_events`, never raises."""
-    await _coalescers.submit(broker, event_id)
-
-
-async def _publish_in(broker: Broker | None, event_ids: list[str]) -> list[None]:
-    if broker is None:  # only if a request outlived its app's broker; the reconciler sends them
-        log.warning("callback.publish_deferred", count=len(event_ids), error="broker closed")
-    else:
-        await publish_events(broker, event_ids)
-    return [None] * len(event_ids)
-
-
-# Per broker (so per process): single events published at the same moment, coalesced.
-_coalescers: BatcherPerOwner[Broker, str, None] = BatcherPerOwner(
-    _publish_in, limit=PUBLISH_BATCH, parallel=2
-)
-
-
-def delivery_commands(event_ids: Sequence[str]) -> Iterator[tuple[Command, str]]:
-    """The messages that carry `event_ids`, with their message ids (a batch's: "first+more")."""
-    for start in range(0, len(event_ids), PUBLISH_BATCH):
-        chunk = tuple(event_ids[start : start + PUBLISH_BATCH])
-        if len(chunk) == 1:
-            yield DeliverCallback(event_id=chunk[0]), chunk[0]
-        else:
-            yield DeliverCallbacks(event_ids=chunk), f"{chunk[0]}+{len(chunk) - 1}"
-
-
-# --- what the worker reads and decides --------------------------------------------------------
-# The worker claims and finishes events in batches (one statement or transaction for every event
-# that arrived while the previous batch was being written): per delivery, MySQL sees a share of
-# a commit rather than commits of its own, which is what lets one worker sustain thousands a
-# second. A claim marks its rows with a random lease token; every later change made under the
-# claim requires the token, so a worker whose lease was handed on can change nothing.
 
 
 @dataclass(frozen=True)
@@ -438,98 +342,3 @@ async def requeue_overdue(db: Database, *, grace_seconds: float, limit: int = 10
             (PENDING, *ids, PENDING, SENDING, _micros(grace_seconds)),
         )
     return ids
-
-
-# --- what a client may see and do ------------------------------------------------------------
-
-_SUMMARY_COLUMNS = (
-    "event_id, event_type, subject_id, status, attempts, last_status_code, last_error,"
-    " created_at, last_attempt_at, next_attempt_at, delivered_at"
-)
-
-
-async def list_deliveries(
-    db: Database, api_key_id: int, *, status: str | None, page: int, limit: int
-) -> tuple[list[Row], int]:
-    """One page of a key's events, newest first, and how many there are in all."""
-    where = "api_key_id = %s"
-    args: list[Any] = [api_key_id]
-    if status is not None:
-        where += " AND status = %s"
-        args.append(status)
-    total = await db.fetchone(
-        f"SELECT COUNT(*) AS n FROM callback_events WHERE {where}",  # noqa: S608 - literals
-        args,
-    )
-    rows = await db.fetchall(
-        f"SELECT {_SUMMARY_COLUMNS} FROM callback_events WHERE {where}"  # noqa: S608 - literals
-        " ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s",
-        [*args, limit, (page - 1) * limit],
-    )
-    return rows, int(total["n"]) if total else 0
-
-
-async def get_delivery(db: Database, api_key_id: int, event_id: str) -> Row | None:
-    """One of this key's events with its payload; None if it is not this key's."""
-    return await db.fetchone(
-        f"SELECT {_SUMMARY_COLUMNS}, payload FROM callback_events"  # noqa: S608 - literals
-        " WHERE event_id = %s AND api_key_id = %s",
-        (event_id, api_key_id),
-    )
-
-
-async def list_attempts(db: Database, event_id: str) -> list[Row]:
-    return await db.fetchall(
-        "SELECT attempt, attempted_at, url, status_code, latency_ms, outcome, error,"
-        " response_body FROM callback_attempts WHERE event_id = %s ORDER BY id",
-        (event_id,),
-    )
-
-
-async def replay(db: Database, api_key_id: int, event_id: str) -> str | None:
-    """Start a finished event's schedule again; returns its status before, None if not found.
-
-    Only finished events are replayed (a PENDING or SENDING one is already on its way).
-    """
-    async with db.transaction() as cur:
-        await cur.execute(
-            "SELECT status FROM callback_events WHERE event_id = %s AND api_key_id = %s FOR UPDATE",
-            (event_id, api_key_id),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            return None
-        if row["status"] in FINISHED:
-            await _restart(cur, [event_id])
-        return str(row["status"])
-
-
-async def replay_since(
-    db: Database, api_key_id: int, since: datetime, *, limit: int
-) -> tuple[list[str], bool]:
-    """Restart up to `limit` undelivered (FAILED, GONE) events created at or after `since`.
-
-    Returns their ids and whether more remain (call again: the restarted ones are PENDING now).
-    """
-    async with db.transaction() as cur:
-        await cur.execute(
-            "SELECT event_id FROM callback_events WHERE api_key_id = %s AND status IN (%s, %s)"
-            " AND created_at >= %s ORDER BY created_at LIMIT %s FOR UPDATE",
-            (api_key_id, *UNDELIVERED, since, limit + 1),
-        )
-        ids = [row["event_id"] for row in await cur.fetchall()]
-        more = len(ids) > limit
-        ids = ids[:limit]
-        if ids:
-            await _restart(cur, ids)
-    return ids, more
-
-
-async def _restart(cur: aiomysql.Cursor, event_ids: Sequence[str]) -> None:
-    marks = ", ".join(["%s"] * len(event_ids))
-    await cur.execute(
-        "UPDATE callback_events FORCE INDEX (uq_callback_events_event)"  # noqa: S608 - placeholders
-        " SET status = %s, schedule_step = 0, delivered_at = NULL,"
-        f" next_attempt_at = UTC_TIMESTAMP(3) WHERE event_id IN ({marks})",
-        (PENDING, *event_ids),
-    )

@@ -1,0 +1,104 @@
+"""What a client may see and do with its own deliveries: list, inspect, replay."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import aiomysql
+
+from shared.callbacks.delivery import FINISHED, PENDING, UNDELIVERED
+from shared.infra.db import Database, Row
+
+_SUMMARY_COLUMNS = (
+    "event_id, event_type, subject_id, status, attempts, last_status_code, last_error,"
+    " created_at, last_attempt_at, next_attempt_at, delivered_at"
+)
+
+
+async def list_deliveries(
+    db: Database, api_key_id: int, *, status: str | None, page: int, limit: int
+) -> tuple[list[Row], int]:
+    """One page of a key's events, newest first, and how many there are in all."""
+    where = "api_key_id = %s"
+    args: list[Any] = [api_key_id]
+    if status is not None:
+        where += " AND status = %s"
+        args.append(status)
+    total = await db.fetchone(
+        f"SELECT COUNT(*) AS n FROM callback_events WHERE {where}",  # noqa: S608 - literals
+        args,
+    )
+    rows = await db.fetchall(
+        f"SELECT {_SUMMARY_COLUMNS} FROM callback_events WHERE {where}"  # noqa: S608 - literals
+        " ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s",
+        [*args, limit, (page - 1) * limit],
+    )
+    return rows, int(total["n"]) if total else 0
+
+
+async def get_delivery(db: Database, api_key_id: int, event_id: str) -> Row | None:
+    """One of this key's events with its payload; None if it is not this key's."""
+    return await db.fetchone(
+        f"SELECT {_SUMMARY_COLUMNS}, payload FROM callback_events"  # noqa: S608 - literals
+        " WHERE event_id = %s AND api_key_id = %s",
+        (event_id, api_key_id),
+    )
+
+
+async def list_attempts(db: Database, event_id: str) -> list[Row]:
+    return await db.fetchall(
+        "SELECT attempt, attempted_at, url, status_code, latency_ms, outcome, error,"
+        " response_body FROM callback_attempts WHERE event_id = %s ORDER BY id",
+        (event_id,),
+    )
+
+
+async def replay(db: Database, api_key_id: int, event_id: str) -> str | None:
+    """Start a finished event's schedule again; returns its status before, None if not found.
+
+    Only finished events are replayed (a PENDING or SENDING one is already on its way).
+    """
+    async with db.transaction() as cur:
+        await cur.execute(
+            "SELECT status FROM callback_events WHERE event_id = %s AND api_key_id = %s FOR UPDATE",
+            (event_id, api_key_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        if row["status"] in FINISHED:
+            await _restart(cur, [event_id])
+        return str(row["status"])
+
+
+async def replay_since(
+    db: Database, api_key_id: int, since: datetime, *, limit: int
+) -> tuple[list[str], bool]:
+    """Restart up to `limit` undelivered (FAILED, GONE) events created at or after `since`.
+
+    Returns their ids and whether more remain (call again: the restarted ones are PENDING now).
+    """
+    async with db.transaction() as cur:
+        await cur.execute(
+            "SELECT event_id FROM callback_events WHERE api_key_id = %s AND status IN (%s, %s)"
+            " AND created_at >= %s ORDER BY created_at LIMIT %s FOR UPDATE",
+            (api_key_id, *UNDELIVERED, since, limit + 1),
+        )
+        ids = [row["event_id"] for row in await cur.fetchall()]
+        more = len(ids) > limit
+        ids = ids[:limit]
+        if ids:
+            await _restart(cur, ids)
+    return ids, more
+
+
+async def _restart(cur: aiomysql.Cursor, event_ids: Sequence[str]) -> None:
+    marks = ", ".join(["%s"] * len(event_ids))
+    await cur.execute(
+        "UPDATE callback_events FORCE INDEX (uq_callback_events_event)"  # noqa: S608 - placeholders
+        " SET status = %s, schedule_step = 0, delivered_at = NULL,"
+        f" next_attempt_at = UTC_TIMESTAMP(3) WHERE event_id IN ({marks})",
+        (PENDING, *event_ids),
+    )

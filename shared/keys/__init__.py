@@ -1,0 +1,1 @@
+"""API keys (created, hashed, looked up), their lifetimes, and the Idempotency-Key rule."""

@@ -1,0 +1,1 @@
+"""The task queue: adding, removing and reading tasks, their timers, and the expiry transition."""
