@@ -60,11 +60,14 @@ class KeyCache:
 
 
 def bearer_token(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+    """The key in `Authorization`: `Bearer <key>`, or the bare key as the original's clients
+    send it (it took the header's last word). Any other scheme (`Basic …`) is no key at all."""
+    words = request.headers.get("Authorization", "").split()
+    if len(words) == 1 and words[0].lower() != "bearer":
+        return words[0]
+    if len(words) == 2 and words[0].lower() == "bearer":
+        return words[1]
+    return None
 
 
 async def authenticate(

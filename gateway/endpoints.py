@@ -11,15 +11,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from gateway.app_keys import SETTINGS
 from gateway.auth import Role
 from gateway.errors import ApiError
+from gateway.forms import FORM_TYPE, decode_form
+from schemas.common import FORM_CONTEXT
 
 Handler = Callable[[web.Request, Any], Awaitable[BaseModel | web.StreamResponse]]
 H = TypeVar("H", bound=Handler)
+
+log = structlog.get_logger("gateway")
 
 JSON_TYPES = ("application/json", "text/json")
 
@@ -34,6 +39,7 @@ class Endpoint:
     tag: str
     body: type[BaseModel] | None = None
     form: type[BaseModel] | None = None  # documents a multipart body the handler parses itself
+    urlencoded: type[BaseModel] | None = None  # ... and the same form sent urlencoded
     response: type[BaseModel] | None = None
     produces: str = "application/json"
     errors: tuple[int, ...] = ()
@@ -49,28 +55,50 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def read_json(request: web.Request, max_bytes: int) -> Any:
-    """The request's JSON value; an empty body counts as `{}` (all-defaults requests)."""
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The whole body, refused (413) beyond `max_bytes`."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(413, f"body larger than {max_bytes} bytes", "TOO_LARGE")
     raw = await request.read()
     if len(raw) > max_bytes:
         raise ApiError(413, f"body larger than {max_bytes} bytes", "TOO_LARGE")
+    return raw
+
+
+async def read_json(request: web.Request, max_bytes: int) -> tuple[Any, bool]:
+    """The body's value and whether it came as an urlencoded form (gateway/forms.py) rather
+    than JSON; an empty body counts as `{}` (all-defaults requests)."""
+    raw = await read_body(request, max_bytes)
     if not raw.strip():
-        return {}
+        return {}, False
+    if request.content_type == FORM_TYPE:
+        return decode_form(raw), True
     if request.content_type not in JSON_TYPES:
-        raise ApiError(415, "send the body as application/json", "UNSUPPORTED_MEDIA_TYPE")
+        raise ApiError(
+            415,
+            f"send the body as application/json (or {FORM_TYPE})",
+            "UNSUPPORTED_MEDIA_TYPE",
+        )
     try:
-        return json.loads(raw)
+        return json.loads(raw), False
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, "body is not valid JSON", "MALFORMED_JSON") from exc
 
 
-def parse_model(model: type[BaseModel], value: Any) -> BaseModel:
+def parse_model(model: type[BaseModel], value: Any, *, form: bool = False) -> BaseModel:
+    """`value` validated as `model`; `form` tells validators the values came urlencoded (all
+    strings). Unknown fields are ignored and logged, by name only (a value may be secret)."""
     if not isinstance(value, dict):
         raise ApiError(422, "body must be a JSON object", "VALIDATION")
+    unknown = value.keys() - model.model_fields.keys()
+    if unknown:
+        log.debug(
+            "request.unknown_fields",
+            fields=sorted(str(name)[:64] for name in unknown)[:20],
+            count=len(unknown),
+        )
     try:
-        return model.model_validate(value)
+        return model.model_validate(value, context={FORM_CONTEXT: form})
     except ValidationError as exc:
         raise ApiError(422, validation_message(exc), "VALIDATION") from exc
 
@@ -94,7 +122,8 @@ def _adapter(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.Stream
         payload = None
         if endpoint.body is not None:
             limit = request.app[SETTINGS].CLIENT_MAX_JSON_BYTES
-            payload = parse_model(endpoint.body, await read_json(request, limit))
+            value, form = await read_json(request, limit)
+            payload = parse_model(endpoint.body, value, form=form)
         result = await endpoint.handler(request, payload)
         if isinstance(result, web.StreamResponse):
             return result

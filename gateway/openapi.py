@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiohttp import hdrs
 from pydantic import BaseModel
 
 from gateway.auth import Role
 from gateway.endpoints import Endpoint
+from gateway.forms import FORM_TYPE
 from schemas.common import ErrorBody
 
 _REF = "#/components/schemas/{model}"
+# What a route answering any method is documented with.
+_ANY_METHOD = ("get", "post", "put", "patch", "delete")
 _STATUS_TEXT = {
     400: "Bad request",
     401: "Missing or unknown key",
@@ -39,6 +43,22 @@ def _error(status: int) -> dict[str, Any]:
     }
 
 
+def _request_content(endpoint: Endpoint, components: dict[str, Any]) -> dict[str, Any]:
+    """JSON bodies may also come urlencoded (gateway/forms.py: `data[key]=value` nests), as
+    the original's Express parser read them; some multipart forms too, without files."""
+    content: dict[str, Any] = {}
+    if endpoint.body is not None:
+        schema = _schema(endpoint.body, components, "validation")
+        content = {"application/json": {"schema": schema}, FORM_TYPE: {"schema": schema}}
+    if endpoint.form is not None:
+        content["multipart/form-data"] = {
+            "schema": _schema(endpoint.form, components, "validation")
+        }
+    if endpoint.urlencoded is not None:
+        content[FORM_TYPE] = {"schema": _schema(endpoint.urlencoded, components, "validation")}
+    return content
+
+
 def _operation(endpoint: Endpoint, components: dict[str, Any]) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": endpoint.summary,
@@ -47,20 +67,9 @@ def _operation(endpoint: Endpoint, components: dict[str, Any]) -> dict[str, Any]
     }
     if endpoint.role is not Role.NONE:
         op["security"] = [{"bearer": []}]
-    if endpoint.body is not None:
-        op["requestBody"] = {
-            "required": True,
-            "content": {
-                "application/json": {"schema": _schema(endpoint.body, components, "validation")}
-            },
-        }
-    if endpoint.form is not None:
-        op["requestBody"] = {
-            "required": True,
-            "content": {
-                "multipart/form-data": {"schema": _schema(endpoint.form, components, "validation")}
-            },
-        }
+    content = _request_content(endpoint, components)
+    if content:
+        op["requestBody"] = {"required": True, "content": content}
     if endpoint.query:
         op["parameters"] = [
             {
@@ -88,14 +97,22 @@ def _operation(endpoint: Endpoint, components: dict[str, Any]) -> dict[str, Any]
     return op
 
 
+def _methods(endpoint: Endpoint) -> tuple[str, ...]:
+    if endpoint.method == hdrs.METH_ANY:
+        return _ANY_METHOD
+    return (endpoint.method.lower(),)
+
+
 def build_document(endpoints: list[Endpoint], *, title: str, version: str) -> dict[str, Any]:
     components: dict[str, Any] = {}
     _schema(ErrorBody, components, "serialization")
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in endpoints:
-        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(
-            endpoint, components
-        )
+        for method in _methods(endpoint):
+            operation = _operation(endpoint, components)
+            if method != _methods(endpoint)[0]:  # operation ids are unique in a document
+                operation["operationId"] += f"_{method}"
+            paths.setdefault(endpoint.path, {})[method] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},

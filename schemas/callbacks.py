@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, Field, field_serializer, field_validator, model_validator
 
 from schemas.api_keys import iso_utc
-from schemas.common import Body, Ok
+from schemas.common import Body, Ok, Page, clamp
 
 DeliveryStatus = Literal["PENDING", "SENDING", "DELIVERED", "FAILED", "GONE"]
 EVENT_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,40}$"
 
 
 class ListDeliveries(Body):
-    page: int = Field(1, ge=1, le=100_000)
-    limit: int = Field(20, ge=1, le=100, description="Deliveries per page (1-100)")
+    page: Page = Field(1, description="Page number, from 1")
+    limit: Annotated[int, clamp(1, 100)] = Field(
+        20, description="Deliveries per page, 1-100 (a value outside is moved into the range)"
+    )
     status: DeliveryStatus | None = Field(None, description="Only deliveries in this state")
 
 

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_serializer
 
 from schemas.api_keys import iso_utc
-from schemas.common import Body, Ok
+from schemas.common import Body, Ok, Page, clamp
 
 EmailType = Literal["TRANSACTIONAL", "PROMOTIONAL"]
 EmailStatus = Literal["QUEUED", "PROCESSING", "SENT", "ERROR"]
@@ -29,8 +29,10 @@ class TemplateSaved(Ok):
 
 
 class ListTemplates(Body):
-    page: int = Field(1, ge=1, le=1_000_000)
-    limit: int = Field(5, ge=5, le=50)
+    page: Page = Field(1, description="Page number, from 1")
+    limit: Annotated[int, clamp(5, 50)] = Field(
+        5, description="Templates per page, 5-50 (a value outside is moved into the range)"
+    )
 
 
 class TemplateList(Ok):
@@ -46,8 +48,9 @@ class RemoveTemplate(Body):
 # --- queueing -----------------------------------------------------------------------------
 
 
-class EmailForm(BaseModel):
-    """multipart/form-data fields of `POST /server/email/add` (`template` or `text` required)."""
+class EmailFields(BaseModel):
+    """Text fields of `POST /server/email/add` (`template` or `text` required); urlencoded,
+    `data` may also come as `data[NAME]=value` pairs."""
 
     shortName: str = Field(max_length=998, description="The sender's display name")
     email: str = Field(max_length=320, description="Recipient")
@@ -58,6 +61,11 @@ class EmailForm(BaseModel):
     text: str | None = Field(None, description="Plain-text body (placeholders filled too)")
     template: str | None = Field(None, description="Template name, without .html")
     type: EmailType = "TRANSACTIONAL"
+
+
+class EmailForm(EmailFields):
+    """multipart/form-data fields of `POST /server/email/add`: the text fields and attachments."""
+
     files: list[bytes] = Field(
         default_factory=list, max_length=10, description="Attachments (contract's MIME list)"
     )
@@ -75,8 +83,10 @@ class FetchSpecific(Body):
 
 
 class FetchPage(Body):
-    page: int = Field(1, ge=1, le=1_000_000)
-    amount: int = Field(20, ge=1, le=50)
+    page: Page = Field(1, description="Page number, from 1")
+    amount: Annotated[int, clamp(1, 50)] = Field(
+        20, description="Records per page, 1-50 (a value outside is moved into the range)"
+    )
 
 
 class EmailRecord(BaseModel):

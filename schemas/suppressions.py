@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 from pydantic import BaseModel, Field, field_serializer
 
 from schemas.api_keys import iso_utc
-from schemas.common import Body, Ok
+from schemas.common import Body, Ok, Page, clamp
 
 
 class ListSuppressions(Body):
-    page: int = Field(1, ge=1, le=1_000_000)
-    limit: int = Field(20, ge=1, le=100)
+    page: Page = Field(1, description="Page number, from 1")
+    limit: Annotated[int, clamp(1, 100)] = Field(
+        20, description="Entries per page, 1-100 (a value outside is moved into the range)"
+    )
 
 
 class Suppression(BaseModel):

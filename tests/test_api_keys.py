@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from typing import Any
 
@@ -10,6 +11,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import db_rows
+from openapi_spec_validator import validate as validate_openapi
+from structlog.testing import capture_logs
 
 from shared.callbacks.signing import callback_token
 from shared.infra.settings import Settings
@@ -196,17 +199,26 @@ async def test_bad_input_gets_json_errors(client: Client, admin: dict[str, str])
             400,
             "MALFORMED_JSON",
         ),
-        (
+        (  # urlencoded is read (as the original did): the required fields are missing
             client.post(
                 "/server/api/create",
                 data=b"a=1",
                 headers={**admin, "Content-Type": "application/x-www-form-urlencoded"},
             ),
+            422,
+            "VALIDATION",
+        ),
+        (
+            client.post(
+                "/server/api/create",
+                data=b"api_name=x",
+                headers={**admin, "Content-Type": "text/plain"},
+            ),
             415,
-            None,
+            "UNSUPPORTED_MEDIA_TYPE",
         ),
         (client.post("/server/api/create", json=[1, 2], headers=admin), 422, "VALIDATION"),
-        (
+        (  # the unknown field is ignored; the URL's scheme is what is refused
             client.post(
                 "/server/api/create",
                 json={"api_name": "x", "return_api": "ftp://a", "extra": 1},
@@ -264,3 +276,40 @@ async def test_health_ready_metrics_and_docs(client: Client) -> None:
     assert doc["paths"]["/server/api/create"]["post"]["security"] == [{"bearer": []}]
     page = await client.get("/docs")
     assert page.content_type == "text/html" and "/server/api/delete" in await page.text()
+
+
+async def test_openapi_document_is_valid_and_says_what_is_accepted(client: Client) -> None:
+    doc = await (await client.get("/openapi.json")).json()
+    validate_openapi(doc)  # raises on an invalid document (e.g. duplicate operation ids)
+    paths = doc["paths"]
+    assert set(paths["/server/ping"]) == {"get", "post", "put", "patch", "delete"}
+    form = "application/x-www-form-urlencoded"
+    assert set(paths["/server/queue/add"]["post"]["requestBody"]["content"]) == {
+        "application/json",
+        form,
+    }
+    email_add = paths["/server/email/add"]["post"]["requestBody"]["content"]
+    assert set(email_add) == {"multipart/form-data", form}
+    schemas = doc["components"]["schemas"]
+    assert "files" not in schemas[email_add[form]["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]
+    # Clamped into range, not refused: no bounds for a fuzzer to cross.
+    assert set(schemas["ListTemplates"]["properties"]["limit"]) >= {"type", "default"}
+    assert "maximum" not in schemas["ListTemplates"]["properties"]["limit"]
+    expiry = schemas["AddTask"]["properties"]["expiryDate"]
+    assert {"type": "number"} in expiry["anyOf"]
+
+
+async def test_unknown_fields_are_ignored_and_logged_by_name_only(
+    client: Client, admin: dict[str, str]
+) -> None:
+    secret = "s3cret-" + secrets.token_hex(8)
+    with capture_logs() as logs:
+        resp = await client.post(
+            "/server/email/list-templates",
+            json={"page": 1, "limit": 5, "password_hint": secret},
+            headers=admin,
+        )
+    assert resp.status == 200, await resp.text()
+    [event] = [e for e in logs if e["event"] == "request.unknown_fields"]
+    assert event["log_level"] == "debug" and event["fields"] == ["password_hint"]
+    assert secret not in repr(logs)

@@ -446,7 +446,6 @@ async def test_unpublished_email_is_published_by_the_reconciler_sweep(
             400,
             "TOO_MANY_FILES",
         ),
-        ({"text": "x", "bogus": "1"}, [], 400, "UNKNOWN_FIELD"),
     ],
 )
 async def test_bad_emails_are_refused_and_nothing_is_queued(
@@ -472,6 +471,40 @@ async def test_bad_emails_are_refused_and_nothing_is_queued(
         )[0]["n"]
         == 0
     )
+
+
+def _count_emails(settings: Settings, api_name: str) -> int:
+    rows = db_rows(
+        settings,
+        "SELECT COUNT(*) AS n FROM emails e JOIN api_keys k ON k.id = e.api_key_id"
+        " WHERE k.api_name = %s",
+        (api_name,),
+    )
+    return int(rows[0]["n"])
+
+
+async def test_unknown_text_fields_are_ignored_within_limits(
+    client: Client, make_key: Any, settings: Settings
+) -> None:
+    """The original's clients send fields of their own; they are read (capped) and dropped."""
+    key = await make_key()
+    resp = await add(client, key["headers"], email_form(text="Hi", note="x", **{"x-trace": "1"}))
+    assert resp.status == 200, await resp.text()
+    assert _count_emails(settings, key["api_name"]) == 1
+
+    refused = [
+        (email_form(text="Hi", **{f"extra{i}": "1" for i in range(21)}), 400, "BAD_FORM"),
+        (email_form(text="Hi", note="x" * (64 * 1024 + 1)), 413, "TOO_LARGE"),
+    ]
+    # A file under an unknown name is refused: dropping it would send the email without it.
+    unknown_file = email_form(text="Hi")
+    unknown_file.add_field("attachment", b"%PDF", filename="a.pdf", content_type="application/pdf")
+    refused.append((unknown_file, 400, "UNKNOWN_FIELD"))
+    for form, status, code in refused:
+        resp = await add(client, key["headers"], form)
+        body = await resp.json()
+        assert (resp.status, body["code"]) == (status, code), body
+    assert _count_emails(settings, key["api_name"]) == 1
 
 
 def raw_multipart(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
@@ -592,7 +625,19 @@ async def test_records_show_only_own_emails_newest_first(client: Client, make_ke
             "/server/email/fetch-specific-records", json=body, headers=mine["headers"]
         )
         assert resp.status == 422
-    for body in ({"page": 1, "amount": 0}, {"page": 1, "amount": 51}, {"page": 0, "amount": 5}):
+    # Out-of-range bounds are moved into range (as the original did), not refused.
+    for body, count in (
+        ({"page": 1, "amount": 0}, 1),
+        ({"page": 1, "amount": 51}, 4),
+        ({"page": 0, "amount": 2}, 2),
+        ({"page": -5, "amount": "3"}, 3),
+    ):
+        resp = await client.post(
+            "/server/email/fetch-api-records", json=body, headers=mine["headers"]
+        )
+        assert resp.status == 200, await resp.text()
+        assert len((await resp.json())["result"]) == count, body
+    for body in ({"page": 1, "amount": "many"}, {"page": 1.5, "amount": 5}):
         resp = await client.post(
             "/server/email/fetch-api-records", json=body, headers=mine["headers"]
         )

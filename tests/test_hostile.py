@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import pytest
@@ -700,14 +700,68 @@ async def test_invalid_text_is_400(
     assert count(settings, "emails", own_id) == 0
 
 
+async def test_hostile_urlencoded_bodies_are_refused(
+    client: Client, make_key: KeyFactory, settings: Settings
+) -> None:
+    """Urlencoded bodies (read as the original did) get the JSON routes' limits: size, depth,
+    field count, valid UTF-8 behind every percent-escape; nothing is stored."""
+    key = await make_key()
+    form_headers = {**key["headers"], "Content-Type": "application/x-www-form-urlencoded"}
+    task = f"expiryDate={quote(FAR_FUTURE)}&"
+    cases: list[tuple[str, bytes, int, str]] = [
+        (
+            "/server/queue/add",
+            (task + "data[pad]=" + "a" * settings.CLIENT_MAX_JSON_BYTES).encode(),
+            413,
+            "TOO_LARGE",
+        ),
+        ("/server/queue/add", (task + "data" + "[a]" * 6 + "=1").encode(), 400, "BAD_FORM"),
+        (
+            "/server/queue/add",
+            (task + "&".join(f"data[k{i}]=1" for i in range(1001))).encode(),
+            400,
+            "BAD_FORM",
+        ),
+        ("/server/queue/add", (task + "data[x]=%C0%AF").encode(), 400, "BAD_UNICODE"),
+        ("/server/queue/add", (task + "data[x]=%ED%A0%80").encode(), 400, "BAD_UNICODE"),
+        ("/server/queue/add", (task + "data[x]=caf\xe9").encode("latin-1"), 400, "BAD_UNICODE"),
+        ("/server/queue/add", (task + "data=%7Bnot+json").encode(), 422, "VALIDATION"),
+        ("/server/callbacks/list", b"page[0]=1", 422, "VALIDATION"),
+        (
+            "/server/email/add",
+            urlencode({**EMAIL_FIELDS, "subject": "Hi\r\nBcc: victim@example.org"}).encode(),
+            400,
+            "HEADER_INJECTION",
+        ),
+        ("/server/email/add", urlencode({**EMAIL_FIELDS, "files": "x"}).encode(), 400, "BAD_FORM"),
+        (
+            "/server/email/add",
+            (urlencode(EMAIL_FIELDS) + "&subject=again").encode(),
+            400,
+            "BAD_FORM",
+        ),
+        (
+            "/server/email/add",
+            urlencode({**EMAIL_FIELDS, "subject": "s" * 10_000}).encode(),
+            413,
+            "TOO_LARGE",
+        ),
+    ]
+    for path, body, status, code in cases:
+        resp = await client.post(path, data=body, headers=form_headers)
+        await assert_error(resp, status, code)
+    own_id = key_id(settings, key["api_name"])
+    assert count(settings, "tasks", own_id) == 0
+    assert count(settings, "emails", own_id) == 0
+
+
 async def test_wrong_content_types_are_415(
     client: Client, make_key: KeyFactory, admin: dict[str, str]
 ) -> None:
     key = await make_key()
     body = b'{"page": 1}'
-    for ctype in (
+    for ctype in (  # (urlencoded is read, as the original did: tests/test_conformance.py)
         "text/plain",
-        "application/x-www-form-urlencoded",
         "multipart/form-data; boundary=x",
         "application/octet-stream",
         "application/jsonx",
@@ -719,11 +773,15 @@ async def test_wrong_content_types_are_415(
             headers={**key["headers"], "Content-Type": ctype},
         )
         await assert_error(resp, 415, "UNSUPPORTED_MEDIA_TYPE")
-    for path, headers in (
-        ("/server/email/add", key["headers"]),
-        ("/server/email/add-template", admin),
+    for path, headers, ctypes in (
+        ("/server/email/add", key["headers"], ("application/json", "text/plain")),
+        (
+            "/server/email/add-template",
+            admin,
+            ("application/json", "text/plain", "application/x-www-form-urlencoded"),
+        ),
     ):
-        for ctype in ("application/json", "text/plain", "application/x-www-form-urlencoded"):
+        for ctype in ctypes:
             resp = await client.post(path, data=body, headers={**headers, "Content-Type": ctype})
             await assert_error(resp, 415, "UNSUPPORTED_MEDIA_TYPE")
     # Multipart without a boundary, or with a compressed part (a zip bomb's way in).

@@ -7,17 +7,21 @@ cannot be larger than its own small cap.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from aiohttp import BodyPartReader, hdrs, web
+import structlog
+from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app_keys import BROKER, DB, SETTINGS
 from gateway.auth import Role, client_key
-from gateway.endpoints import EndpointTable
+from gateway.endpoints import EndpointTable, read_body
 from gateway.errors import ApiError
+from gateway.forms import FORM_TYPE, decode_form
 from schemas.emails import (
+    EmailFields,
     EmailForm,
     EmailRecord,
     EmailRecords,
@@ -31,12 +35,16 @@ from shared.email.queueing import queue_email
 from shared.email.records import fetch_page, fetch_records, record
 from shared.email.validation import new_email
 
+log = structlog.get_logger("gateway")
 table = EndpointTable()
 TAG = "Email"
 
 # Room for multipart framing (boundaries, part headers) on top of the payload limit.
 FRAMING_BYTES = 64 * 1024
 _READ_CHUNK = 64 * 1024
+# Fields the original's clients may send beside ours are read and dropped, within these caps.
+MAX_IGNORED_FIELDS = 20
+IGNORED_FIELD_BYTES = 64 * 1024
 _IDENTITY_ENCODINGS = frozenset({"", "identity", "binary", "7bit", "8bit"})
 # Per-field caps in bytes (UTF-8: a character takes up to 4).
 _FIELD_BYTES = {
@@ -87,52 +95,121 @@ async def read_form(
     file_fields: Collection[str],
     max_files: int,
     max_total: int,
+    urlencoded: bool = False,
 ) -> tuple[dict[str, str], list[FilePart]]:
-    """Text fields and files of a multipart/form-data body, every part size-capped."""
+    """Text fields and files of a multipart/form-data body, every part size-capped; with
+    `urlencoded`, an application/x-www-form-urlencoded body is read too (text fields only).
+
+    Unknown text fields are read (within the caps) and ignored, as the original did; an unknown
+    file is refused, since dropping it would send the email without what the client attached.
+    """
+    if urlencoded and request.content_type == FORM_TYPE:
+        return _urlencoded(await read_body(request, max_total), text_limits, file_fields), []
     if request.content_type != "multipart/form-data":
         raise ApiError(415, "send the body as multipart/form-data", "UNSUPPORTED_MEDIA_TYPE")
     if request.content_length is not None and request.content_length > max_total + FRAMING_BYTES:
         raise _too_large(max_total)
     try:
-        return await _read_parts(request, text_limits, file_fields, max_files, max_total)
+        form = _Form(text_limits, file_fields, max_files, max_total)
+        await form.read(await request.multipart())
     except (HttpProcessingError, ValueError, AssertionError, LookupError, EOFError) as exc:
         raise ApiError(400, "malformed multipart body", "MALFORMED_MULTIPART") from exc
+    _log_ignored(form.ignored)
+    return form.fields, form.files
 
 
-async def _read_parts(
-    request: web.Request,
-    text_limits: Mapping[str, int],
-    file_fields: Collection[str],
-    max_files: int,
-    max_total: int,
-) -> tuple[dict[str, str], list[FilePart]]:
-    reader = await request.multipart()
+def _urlencoded(
+    raw: bytes, text_limits: Mapping[str, int], file_fields: Collection[str]
+) -> dict[str, str]:
+    """Text fields of an urlencoded body; `data` may also come as `data[NAME]=value` pairs."""
+    decoded = decode_form(raw)
+    if any(name in decoded for name in file_fields):
+        raise ApiError(400, "attachments need a multipart/form-data body", "BAD_FORM")
     fields: dict[str, str] = {}
-    files: list[FilePart] = []
-    total = 0
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader) or not part.name:
-            raise ApiError(400, "every part needs a field name (no nested multipart)", "BAD_FORM")
-        _check_encoding(part)
-        room = max_total - total
-        if part.name in file_fields:
-            if len(files) >= max_files:
-                raise ApiError(400, f"at most {max_files} files", "TOO_MANY_FILES")
-            data = await _read_capped(part, room, _too_large(max_total))
-            ctype = part.headers.get(hdrs.CONTENT_TYPE, "application/octet-stream")
-            files.append(FilePart(part.name, part.filename or "", ctype, data))
-        elif part.name in text_limits:
-            if part.name in fields:
-                raise ApiError(400, f"{part.name}: given more than once", "BAD_FORM")
-            limit = text_limits[part.name]
-            data = await _read_capped(
-                part, min(limit, room), _too_large(min(limit, room), part.name)
-            )
-            fields[part.name] = _text(part.name, data)
-        else:
-            raise ApiError(400, f"unknown field {part.name[:50]!r}", "UNKNOWN_FIELD")
-        total += len(data)
-    return fields, files
+    for name, limit in text_limits.items():
+        value = decoded.get(name)
+        if name == "data" and isinstance(value, dict):
+            value = json.dumps(value, ensure_ascii=False)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ApiError(400, f"{name}: give it once, as text", "BAD_FORM")
+        if len(value.encode("utf-8", "surrogatepass")) > limit:
+            raise _too_large(limit, name)
+        fields[name] = value
+    _log_ignored([str(name) for name in decoded.keys() - text_limits.keys()])
+    return fields
+
+
+def _log_ignored(names: list[str]) -> None:
+    if names:  # by name only: a value may be secret
+        log.debug("request.unknown_fields", fields=sorted(n[:64] for n in names)[:20])
+
+
+class _Form:
+    """One multipart body read part by part: text fields, files and ignored fields, each capped,
+    and all of it within `max_total`."""
+
+    def __init__(
+        self,
+        text_limits: Mapping[str, int],
+        file_fields: Collection[str],
+        max_files: int,
+        max_total: int,
+    ) -> None:
+        self._text_limits = text_limits
+        self._file_fields = file_fields
+        self._max_files = max_files
+        self._max_total = max_total
+        self.total = 0
+        self.fields: dict[str, str] = {}
+        self.files: list[FilePart] = []
+        self.ignored: list[str] = []
+
+    async def read(self, reader: MultipartReader) -> None:
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or not part.name:
+                raise ApiError(
+                    400, "every part needs a field name (no nested multipart)", "BAD_FORM"
+                )
+            _check_encoding(part)
+            if part.name in self._file_fields:
+                data = await self._file(part, part.name)
+            elif part.name in self._text_limits:
+                data = await self._text(part, part.name)
+            else:
+                data = await self._ignore(part, part.name)
+            self.total += len(data)
+
+    @property
+    def _room(self) -> int:
+        return self._max_total - self.total
+
+    async def _file(self, part: BodyPartReader, name: str) -> bytes:
+        if len(self.files) >= self._max_files:
+            raise ApiError(400, f"at most {self._max_files} files", "TOO_MANY_FILES")
+        data = await _read_capped(part, self._room, _too_large(self._max_total))
+        ctype = part.headers.get(hdrs.CONTENT_TYPE, "application/octet-stream")
+        self.files.append(FilePart(name, part.filename or "", ctype, data))
+        return data
+
+    async def _text(self, part: BodyPartReader, name: str) -> bytes:
+        if name in self.fields:
+            raise ApiError(400, f"{name}: given more than once", "BAD_FORM")
+        limit = min(self._text_limits[name], self._room)
+        data = await _read_capped(part, limit, _too_large(limit, name))
+        self.fields[name] = _text(name, data)
+        return data
+
+    async def _ignore(self, part: BodyPartReader, name: str) -> bytes:
+        if part.filename is not None:
+            raise ApiError(400, f"unknown file field {name[:50]!r}", "UNKNOWN_FIELD")
+        if len(self.ignored) >= MAX_IGNORED_FIELDS:
+            raise ApiError(400, f"more than {MAX_IGNORED_FIELDS} unknown fields", "BAD_FORM")
+        limit = min(IGNORED_FIELD_BYTES, self._room)
+        data = await _read_capped(part, limit, _too_large(limit, f"unknown field {name[:50]!r}"))
+        self.ignored.append(name)
+        return data
 
 
 def _text(name: str, data: bytes) -> str:
@@ -147,9 +224,10 @@ def _text(name: str, data: bytes) -> str:
     "/server/email/add",
     role=Role.CLIENT,
     form=EmailForm,
+    urlencoded=EmailFields,
     response=Queued,
-    summary="Queue an email (multipart; optional Idempotency-Key header: a retry with the same "
-    "key and body returns the same queue_id)",
+    summary="Queue an email (multipart, or urlencoded without attachments; optional "
+    "Idempotency-Key header: a retry with the same key and body returns the same queue_id)",
     tag=TAG,
     errors=(400, 409, 413, 415, 422),
 )
@@ -164,6 +242,7 @@ async def add_email(request: web.Request, _: None) -> Queued:
         file_fields={"files"},
         max_files=MAX_FILES,
         max_total=settings.max_upload_bytes,
+        urlencoded=True,
     )
     files = [Attachment(p.filename, p.content_type, p.data) for p in parts]
     try:

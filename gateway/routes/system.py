@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
@@ -27,7 +27,14 @@ class Readiness(BaseModel):
     rabbitmq: bool
 
 
-@table.route("GET", "/server/ping", role=Role.NONE, response=Pong, summary="Liveness", tag="System")
+@table.route(
+    hdrs.METH_ANY,  # the original answered every method, with or without a key
+    "/server/ping",
+    role=Role.NONE,
+    response=Pong,
+    summary="Liveness (any method, with or without a key)",
+    tag="System",
+)
 async def ping(request: web.Request, _: None) -> Pong:
     return Pong()
 
@@ -88,8 +95,9 @@ async def openapi(request: web.Request, _: None) -> web.Response:
 def _docs_row(endpoint: Endpoint) -> str:
     body = endpoint.body or endpoint.form
     fields = ", ".join(body.model_fields) if body else ""
+    method = "any" if endpoint.method == hdrs.METH_ANY else endpoint.method
     return (
-        f"<tr><td><code>{endpoint.method}</code></td><td><code>{html.escape(endpoint.path)}</code>"
+        f"<tr><td><code>{method}</code></td><td><code>{html.escape(endpoint.path)}</code>"
         f"</td><td>{endpoint.role.value}</td><td>{html.escape(endpoint.summary)}</td>"
         f"<td>{html.escape(fields)}</td></tr>"
     )
