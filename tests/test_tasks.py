@@ -179,6 +179,7 @@ async def test_add_then_expire_records_add_then_expired(client: Client, make_key
         assert event["payload"] == {
             "queue_id": task_id,
             "expire_data": iso(due),
+            "expire_at": iso(due),
             "event": name,
             "data": data,
         }
@@ -244,7 +245,8 @@ async def test_past_expiry_fires_at_once(client: Client, make_key: Any) -> None:
 
 
 async def test_expiry_date_forms(client: Client, make_key: Any) -> None:
-    """Offsets other than Z are converted to UTC; the callback always says Z with ms."""
+    """Offsets other than Z are converted to UTC for timing; the callback's `expire_data` is
+    the value as sent and `expire_at` the instant, Z with ms."""
     key = await make_key()
     db = db_of(client)
     local = (datetime.now(UTC) + timedelta(days=3)).astimezone(
@@ -253,7 +255,48 @@ async def test_expiry_date_forms(client: Client, make_key: Any) -> None:
     task_id = (await add(client, key, local.isoformat()))["taskId"]
     row = await task_row(db, task_id)
     assert row["expire_at"] == to_db_time(local)
-    assert (await events(db, task_id))[0]["payload"]["expire_data"] == iso(local)
+    payload = (await events(db, task_id))[0]["payload"]
+    assert payload["expire_data"] == local.isoformat()
+    assert payload["expire_at"] == iso(local)
+
+
+@pytest.mark.parametrize(
+    ("sent", "spelled"),
+    [
+        (1893456000123, None),  # epoch milliseconds, a JSON number: stays a number
+        ("1893456000123", None),  # the same as a string of digits
+        ("Mon, 01 Jan 2030 00:00:00 GMT", "RFC 1123"),
+        ("Tue, 01 Jan 2030 02:00:00 +0200", "RFC 2822, weekday not checked"),
+        ("Mon, 01 Jan 2030 00:00:00 -0000", "RFC 5322: UTC from an unknown zone"),
+        (" 2030-01-01T00:00:00.123Z", "whitespace around it"),
+    ],
+)
+async def test_expiry_date_in_the_originals_forms(
+    client: Client, make_key: Any, sent: Any, spelled: str | None
+) -> None:
+    key = await make_key()
+    resp = await client.post(
+        "/server/queue/add", json={"data": {}, "expiryDate": sent}, headers=key["headers"]
+    )
+    assert resp.status == 200, (spelled, await resp.text())
+    task_id = (await resp.json())["taskId"]
+    row = await task_row(db_of(client), task_id)
+    want = datetime(2030, 1, 1, 0, 0, 0, 123_000 if "123" in str(sent) else 0)
+    assert row["expire_at"] == want
+    payload = (await events(db_of(client), task_id))[0]["payload"]
+    assert payload["expire_data"] == sent and type(payload["expire_data"]) is type(sent)
+    assert payload["expire_at"] == iso(want.replace(tzinfo=UTC))
+
+
+async def test_a_time_without_a_zone_is_refused_with_a_hint(client: Client, make_key: Any) -> None:
+    key = await make_key()
+    for sent in ("2030-01-01T10:00:00", "2030-01-01", "Tue, 01 Jan 2030 10:00:00"):
+        resp = await client.post(
+            "/server/queue/add", json={"data": {}, "expiryDate": sent}, headers=key["headers"]
+        )
+        body = await resp.json()
+        assert resp.status == 422 and body["code"] == "VALIDATION", body
+        assert "no time zone: add one" in body["msg"], body
 
 
 async def test_validation_errors_have_the_error_shape(
@@ -291,7 +334,18 @@ async def test_validation_errors_have_the_error_shape(
             "VALIDATION",
         ),
         (
-            client.post(url, json={"data": {}, "expiryDate": 1893456000000}, headers=h),
+            client.post(url, json={"data": {}, "expiryDate": [1893456000000]}, headers=h),
+            422,
+            "VALIDATION",
+        ),
+        (client.post(url, json={"data": {}, "expiryDate": True}, headers=h), 422, "VALIDATION"),
+        (  # epoch milliseconds out of range, as a number and as digits
+            client.post(url, json={"data": {}, "expiryDate": 10**30}, headers=h),
+            400,
+            "EXPIRY_OUT_OF_RANGE",
+        ),
+        (
+            client.post(url, json={"data": {}, "expiryDate": "-1"}, headers=h),
             422,
             "VALIDATION",
         ),
@@ -321,8 +375,8 @@ async def test_validation_errors_have_the_error_shape(
             400,
             "EXPIRY_OUT_OF_RANGE",
         ),
-        (
-            client.post(url, json={"data": {}, "expiryDate": soon, "extra": 1}, headers=h),
+        (  # an unknown field is ignored, a known one of the wrong type is not
+            client.post(url, json={"data": "{}", "expiryDate": soon, "extra": 1}, headers=h),
             422,
             "VALIDATION",
         ),
@@ -531,6 +585,7 @@ async def test_concurrent_adds_each_keep_their_own_data(client: Client, make_key
         assert by_task[task_id] == {
             "queue_id": task_id,
             "expire_data": iso(when),
+            "expire_at": iso(when),
             "event": "ADD",
             "data": data,
         }
@@ -861,7 +916,9 @@ async def test_reconciler_fires_a_task_whose_timer_was_never_published(
     assert event["event_type"] == "task.expired"
     assert event["payload"] == {
         "queue_id": task_id,
+        # A row without the expiryDate as sent (added before it was kept): the instant twice.
         "expire_data": iso(row["expire_at"].replace(tzinfo=UTC)),
+        "expire_at": iso(row["expire_at"].replace(tzinfo=UTC)),
         "event": "EXPIRED",
         "data": {"lost": True},
     }
@@ -1192,6 +1249,7 @@ async def test_callbacks_reach_the_receiver(
     assert expired == {
         "queue_id": expired_id,
         "expire_data": iso(due),
+        "expire_at": iso(due),
         "event": "EXPIRED",
         "data": {"k": "v"},
     }

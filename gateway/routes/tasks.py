@@ -66,6 +66,7 @@ async def add_task(request: web.Request, body: AddTask) -> AddedTask:
             key_id=client_key(request).id,
             data=body.data,
             expire_at=body.expiryDate,
+            expiry_sent=body.expiry_sent,
             max_data_bytes=request.app[SETTINGS].TASK_MAX_DATA_BYTES,
             idempotency_key=request.headers.get("Idempotency-Key"),
         )

@@ -9,6 +9,7 @@ from typing import Any
 
 import pymysql
 
+from schemas.tasks import ExpirySent
 from shared.callbacks.outbox import NewEvent, publish_event, record_events
 from shared.infra import metrics
 from shared.infra.batching import BatcherPerOwner
@@ -20,6 +21,7 @@ from shared.tasks.rules import (
     check_expiry,
     check_idempotency_key,
     encode_data,
+    encode_expiry_sent,
     epoch_ms,
     request_fingerprint,
     task_event,
@@ -46,6 +48,7 @@ class _NewTask:
     key_id: int
     data_json: str
     expire_at: datetime
+    expiry_sent_json: str | None
     idempotency_key: str | None
     fingerprint: str | None
     created_at: datetime
@@ -86,11 +89,13 @@ async def add_task(
     expire_at: datetime,
     max_data_bytes: int,
     idempotency_key: str | None = None,
+    expiry_sent: ExpirySent | None = None,
 ) -> Added:
     """Store a task with its ADD event, then publish its timer and the event (detached).
 
-    The answer waits for the commit only: once the row is committed the task is safe, and a
-    timer or event that was not confirmed is covered by the reconciler.
+    `expiry_sent` is the expiryDate as the client sent it (its callbacks' `expire_data`). The
+    answer waits for the commit only: once the row is committed the task is safe, and a timer
+    or event that was not confirmed is covered by the reconciler.
     """
     try:
         due = to_db_time(expire_at)
@@ -106,10 +111,11 @@ async def add_task(
         key_id=key_id,
         data_json=data_json,
         expire_at=due,
+        expiry_sent_json=encode_expiry_sent(expiry_sent),
         idempotency_key=idempotency_key,
         fingerprint=request_fingerprint(data, due) if idempotency_key else None,
         created_at=now,
-        event=task_event(key_id, task_id, due, "ADD", data),
+        event=task_event(key_id, task_id, due, expiry_sent, "ADD", data),
     )
     stored = await _batchers.submit(db, new)
     if stored.event_id is None:
@@ -154,14 +160,15 @@ async def _store(db: Database, batch: list[_NewTask]) -> list[_Stored | BaseExce
 async def _insert(db: Database, batch: list[_NewTask]) -> list[str]:
     async with db.transaction() as cur:
         await cur.executemany(
-            "INSERT INTO tasks (task_id, api_key_id, data, expire_at, idempotency_key,"
-            " request_hash, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            "INSERT INTO tasks (task_id, api_key_id, data, expire_at, expiry_sent,"
+            " idempotency_key, request_hash, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
             [
                 (
                     new.task_id,
                     new.key_id,
                     new.data_json,
                     new.expire_at,
+                    new.expiry_sent_json,
                     new.idempotency_key,
                     new.fingerprint,
                     new.created_at,

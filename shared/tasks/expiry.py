@@ -20,7 +20,7 @@ from shared.infra import metrics
 from shared.infra.broker import Broker
 from shared.infra.db import Database, Row, placeholders, rerun_if_rolled_back, utcnow
 from shared.tasks.model import EXPIRED, PENDING, FiredBy
-from shared.tasks.rules import task_event
+from shared.tasks.rules import decode_expiry_sent, task_event
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _expired(rows: list[Row], event_ids: list[str], fired_at: datetime, source: 
     return Expired([row["task_id"] for row in rows], event_ids)
 
 
-_EXPIRE_COLUMNS = "id, task_id, api_key_id, data, expire_at"
+_EXPIRE_COLUMNS = "id, task_id, api_key_id, data, expire_at, expiry_sent"
 
 
 async def _expire_listed(
@@ -127,7 +127,14 @@ async def _fire(
         (EXPIRED, fired_at, source, *(row["id"] for row in rows)),
     )
     events = [
-        task_event(r["api_key_id"], r["task_id"], r["expire_at"], "EXPIRED", json.loads(r["data"]))
+        task_event(
+            r["api_key_id"],
+            r["task_id"],
+            r["expire_at"],
+            decode_expiry_sent(r["expiry_sent"]),
+            "EXPIRED",
+            json.loads(r["data"]),
+        )
         for r in rows
     ]
     return rows, await record_events(cur, events)

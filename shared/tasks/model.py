@@ -24,7 +24,8 @@ EARLIEST_EXPIRY = datetime(1970, 1, 1)
 FiredBy = Literal["timer", "scan", "reconciler"]
 
 TASK_COLUMNS = (
-    "id, task_id, api_key_id, data, expire_at, status, created_at, expired_at, removed_at"
+    "id, task_id, api_key_id, data, expire_at, expiry_sent, status, created_at, expired_at,"
+    " removed_at"
 )
 
 

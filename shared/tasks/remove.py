@@ -9,7 +9,7 @@ from shared.infra import metrics
 from shared.infra.broker import Broker
 from shared.infra.db import Database, rerun_if_rolled_back, utcnow
 from shared.tasks.model import PENDING, REMOVED, TASK_COLUMNS, TaskNotFound, TaskNotPending
-from shared.tasks.rules import task_event
+from shared.tasks.rules import decode_expiry_sent, task_event
 
 
 async def remove_task(db: Database, broker: Broker, *, key_id: int, task_id: str) -> None:
@@ -35,5 +35,12 @@ async def _remove(db: Database, key_id: int, task_id: str) -> list[str]:
             "UPDATE tasks SET status = %s, removed_at = %s WHERE id = %s",
             (REMOVED, utcnow(), row["id"]),
         )
-        event = task_event(key_id, task_id, row["expire_at"], "REMOVE", json.loads(row["data"]))
+        event = task_event(
+            key_id,
+            task_id,
+            row["expire_at"],
+            decode_expiry_sent(row["expiry_sent"]),
+            "REMOVE",
+            json.loads(row["data"]),
+        )
         return await record_events(cur, [event])

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from schemas.api_keys import iso_utc
-from schemas.tasks import TaskCallback, TaskEvent
+from schemas.tasks import ExpirySent, TaskCallback, TaskEvent
 from shared.callbacks.outbox import NewEvent
 from shared.keys.idempotency import KEY_RULE, valid_key
 from shared.tasks.model import (
@@ -78,21 +78,46 @@ def request_fingerprint(data: dict[str, Any], expire_at: datetime) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def encode_expiry_sent(value: ExpirySent | None) -> str | None:
+    """The client's expiryDate as stored (tasks.expiry_sent): its JSON, so a number stays one."""
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def decode_expiry_sent(stored: str | None) -> ExpirySent | None:
+    value: ExpirySent | None = None if stored is None else json.loads(stored)
+    return value
+
+
 def callback_payload(
-    task_id: str, expire_at: datetime, event: TaskEvent, data: dict[str, Any]
+    task_id: str,
+    expire_at: datetime,
+    expiry_sent: ExpirySent | None,
+    event: TaskEvent,
+    data: dict[str, Any],
 ) -> dict[str, Any]:
-    """The contract's callback body; `queue_id` is the task id."""
+    """The contract's callback body; `queue_id` is the task id, `expire_data` the expiryDate as
+    the client sent it (tasks added before it was kept: the instant, as `expire_at`)."""
+    at = iso_utc(expire_at) or ""
     return TaskCallback(
-        queue_id=task_id, expire_data=iso_utc(expire_at) or "", event=event, data=data
+        queue_id=task_id,
+        expire_data=at if expiry_sent is None else expiry_sent,
+        expire_at=at,
+        event=event,
+        data=data,
     ).model_dump()
 
 
 def task_event(
-    key_id: int, task_id: str, expire_at: datetime, event: TaskEvent, data: Any
+    key_id: int,
+    task_id: str,
+    expire_at: datetime,
+    expiry_sent: ExpirySent | None,
+    event: TaskEvent,
+    data: Any,
 ) -> NewEvent:
     return NewEvent(
         api_key_id=key_id,
         event_type=EVENT_TYPES[event],
         subject_id=task_id,
-        payload=callback_payload(task_id, expire_at, event, data),
+        payload=callback_payload(task_id, expire_at, expiry_sent, event, data),
     )
