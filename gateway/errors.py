@@ -1,4 +1,5 @@
-"""Every failure answers `{valid: false, msg, code}` (the original's shape) with a real status."""
+"""Every failure answers `{valid: false, msg, code}` (the original's shape) with a real status
+(or, with ERROR_STATUS=original, with HTTP 200 as the original did; 401 stays 401)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,14 @@ class SlowBody(TimeoutError):
 def error_response(status: int, msg: str, code: str, **extra: Any) -> web.Response:
     body = ErrorBody(msg=msg, code=code).model_dump() | extra
     return web.json_response(body, status=status)
+
+
+def as_original_status(response: web.Response) -> web.Response:
+    """The original answered every error but a 401 with HTTP 200 and the same body; clients
+    written against it read `valid`, not the status. Headers (Retry-After, ...) stay."""
+    if response.status >= 400 and response.status != 401:
+        response.set_status(200)
+    return response
 
 
 def bad_request(msg: str, code: str = "BAD_REQUEST") -> ApiError:

@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.app_keys import DB, KEY_CACHE, SETTINGS
 from gateway.auth import PRINCIPAL, Role, allowed, authenticate, bearer_token
 from gateway.endpoints import endpoint_of
-from gateway.errors import ApiError, SlowBody, error_response
+from gateway.errors import ApiError, SlowBody, as_original_status, error_response
 from shared.infra import metrics
 from shared.infra.broker import BrokerUnavailable
 from shared.infra.db import DatabaseUnavailable
@@ -35,37 +35,49 @@ _HTTP_CODES = {
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every exception into the contract's `{valid: false, msg, code}` with a real status."""
+    """Turn every exception into the contract's `{valid: false, msg, code}` with a real status.
+
+    With ERROR_STATUS=original, errors of the API (`/server/...`) but a 401 are answered HTTP
+    200, as the original did. Not those of the SNS endpoint (SNS retries only on a 5xx), the
+    pixel or the probes: AWS and load balancers, not the original's clients, read those.
+    """
     try:
         return await handler(request)
-    except ApiError as exc:
-        return error_response(exc.status, exc.msg, exc.code, **exc.extra)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, f"HTTP_{exc.status}")
-        return error_response(exc.status, exc.reason, code)
-    except SlowBody as exc:
+        response = error_response(exc.status, exc.reason, code)
+    except Exception as exc:
+        response = _error_answer(exc)
+    if request.app[SETTINGS].ERROR_STATUS == "original" and request.path.startswith("/server/"):
+        as_original_status(response)
+    return response
+
+
+def _error_answer(exc: Exception) -> web.Response:
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.msg, exc.code, **exc.extra)
+    if isinstance(exc, SlowBody):
         log.warning("request.slow_body", error=exc.msg)
         response = error_response(408, exc.msg, "REQUEST_TIMEOUT")
         response.force_close()  # the rest of the body is not waited for
         return response
-    except RecursionError:
+    if isinstance(exc, RecursionError):
         # Only hostile input recurses this deep: JSON nested thousands of levels (json.loads).
         log.warning("request.too_deep")
         return error_response(400, "input nested too deeply", "TOO_DEEP")
-    except UnicodeError:
+    if isinstance(exc, UnicodeError):
         # Text that cannot be stored or sent, e.g. a lone surrogate spelled "\ud800" in JSON.
         log.warning("request.bad_unicode")
         return error_response(400, "input is not valid Unicode text", "BAD_UNICODE")
-    except (DatabaseUnavailable, BrokerUnavailable) as exc:
+    if isinstance(exc, DatabaseUnavailable | BrokerUnavailable):
         log.warning("dependency.unavailable", error=str(exc))
         response = error_response(503, "service temporarily unavailable", "UNAVAILABLE")
         response.headers["Retry-After"] = "1"
         return response
-    except Exception:
-        log.exception("request.failed")
-        return error_response(500, "internal error", "INTERNAL")
+    log.exception("request.failed", exc_info=exc)
+    return error_response(500, "internal error", "INTERNAL")
 
 
 @web.middleware

@@ -339,8 +339,8 @@ async def test_template_removal_refuses_traversal_names(
             resp = await client.post(
                 "/server/email/remove-template", json={"fileName": file_name}, headers=admin
             )
-            body = await assert_error(resp, 404, "TEMPLATE_NOT_FOUND")
-            assert "root:" not in body["msg"]
+            body = await assert_error(resp, 404, "EML001_400022")  # the original's code
+            assert body["reason"] == "TEMPLATE_NOT_FOUND" and "root:" not in body["msg"]
     assert f"{victim_template}.html" in await template_names(client, admin)
 
 

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     AWS_ENDPOINT_URL: str = ""
     LOG_FORMAT: Literal["json", "console", ""] = ""  # blank: json in production, else console
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "original": every error but 401 is answered HTTP 200 with the same {valid: false, msg,
+    # code} body, as the original service did (gateway/middleware.py); "http": real statuses.
+    ERROR_STATUS: Literal["http", "original"] = "http"
     # The delay cascade: level n holds a message for DELAY_UNIT_MS * 2**n.
     DELAY_UNIT_MS: int = Field(1000, ge=1, le=60_000)
     DELAY_LEVELS: int = Field(28, ge=2, le=32)
