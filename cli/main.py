@@ -110,12 +110,26 @@ def _serve_http(
     )
 
 
+def _with_transport(settings: Settings) -> Settings:
+    """EMAIL_TRANSPORT resolved once (`auto` reads AWS credential files) and logged: the first
+    thing to check when mail does not arrive is where this process sends it."""
+    import structlog
+
+    from shared.email.transports import choose_transport
+
+    name, reason = choose_transport(settings)
+    structlog.get_logger("queue-server").info("email.transport", transport=name, reason=reason)
+    return settings.model_copy(update={"EMAIL_TRANSPORT": name})
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     settings = _load_settings()
     from shared.infra.logs import configure_logging
 
     configure_logging(settings)
+    if args.command in ("run", "gateway", "worker"):
+        settings = _with_transport(settings)
     if args.command in ("run", "gateway"):
         _serve_http(
             settings,

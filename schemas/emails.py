@@ -102,6 +102,9 @@ class EmailRecord(BaseModel):
     api_key: str = Field(description="The key that queued it, masked")
     status: str
     type: EmailType
+    aws_message_id: str | None = Field(
+        description="The SES MessageId once sent (outbox: outbox-<email_id>), else null"
+    )
 
     @field_serializer("created_at", "updated_at")
     def _iso(self, value: datetime) -> str | None:

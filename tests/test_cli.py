@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -88,3 +91,43 @@ def test_worker_process_stops_cleanly_on_sigterm(base_env: dict[str, str], tmp_p
     finally:
         code = service.stop(timeout=30)
     assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("aws", "transport"),
+    [({}, "outbox"), ({"AWS_ACCESS_KEY_ID": "AKIA0", "AWS_SECRET_ACCESS_KEY": "s"}, "ses")],
+)
+def test_every_process_logs_the_email_transport_it_chose(
+    base_env: dict[str, str], tmp_path: Path, aws: dict[str, str], transport: str
+) -> None:
+    """EMAIL_TRANSPORT unset (the original's .env has none): `auto` picks by the credentials."""
+    env = {k: v for k, v in base_env.items() if k != "EMAIL_TRANSPORT"}
+    no_files = {
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+    }
+    full_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        **env,
+        **no_files,
+        **aws,
+        "LOG_LEVEL": "INFO",
+        "LOG_FORMAT": "json",
+    }
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [EXE, "worker", "reconciler"], env=full_env, cwd=tmp_path, stderr=log_file
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while "email.transport" not in log_path.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, log_path.read_text()
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    [line] = [
+        json.loads(line) for line in log_path.read_text().splitlines() if "email.transport" in line
+    ]
+    assert line["transport"] == transport and line["reason"], line

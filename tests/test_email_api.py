@@ -322,12 +322,15 @@ async def test_callbacks_are_recorded_and_delivered(
         "subject": "Your balance",
         "data": {"NAME": "Bob <b>&</b>", "BALANCE": "$345", "ACCOUNT": 238570023},
         "open": False,
+        "attachments": 0,
     }
     assert processing["status"] == "PROCESSING" and processing["email_id"] == email_id
     assert processing["data"]["email_data"] == email_data
     assert processing["data"]["aws_info"]["transport"] == "outbox"
     assert sent["status"] == "SENT" and sent["data"]["email_data"] == email_data
     assert sent["data"]["aws_data"]["MessageId"] == f"outbox-{email_id}"
+    # A SENT through the outbox says so: nothing reached SES.
+    assert sent["data"]["aws_info"]["transport"] == "outbox"
 
     got = await receiver.wait_for("hook", 2)
     by_status = {r.json()["status"]: r.json() for r in got}
@@ -602,7 +605,7 @@ async def test_records_show_only_own_emails_newest_first(client: Client, make_ke
     record = got[0]
     assert set(record) == {
         "email_id", "email", "send_email", "subject", "data", "open", "created_at",
-        "updated_at", "attachments", "api_key", "status", "type",
+        "updated_at", "attachments", "api_key", "status", "type", "aws_message_id",
     }  # fmt: skip
     assert isinstance(record["data"], str) and record["created_at"].endswith("Z")
 

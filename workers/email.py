@@ -336,11 +336,12 @@ class EmailWorker:
         raise Retry(delay_s * 1000, why)
 
     async def _finish_sent(self, claimed: Claim, message_id: str) -> None:
-        aws_data = {"MessageId": message_id, **self._transport.info()}
+        info = self._transport.info()
+        aws_data = {"MessageId": message_id, **info}
         # Only this process knows the message left: through a MySQL outage it keeps trying,
         # or the email would end SEND_UNCONFIRMED once its lease ran out.
         event_ids = await through_outage(
-            lambda: self._sent.submit(Sent(claimed, message_id, aws_data))
+            lambda: self._sent.submit(Sent(claimed, message_id, aws_data, info))
         )
         log.info("email.sent", message_id=message_id)
         self._publish(event_ids)

@@ -10,7 +10,8 @@ from shared.infra.db import Row
 
 
 def email_data(row: Row) -> dict[str, Any]:
-    """The contract's `email_data` block of every email callback."""
+    """The contract's `email_data` block of every email callback (with `attachments`, their
+    count, as the original's records had it)."""
     try:
         data = json.loads(row["data"])
     except (TypeError, ValueError):
@@ -21,6 +22,7 @@ def email_data(row: Row) -> dict[str, Any]:
         "subject": row["subject"],
         "data": data,
         "open": bool(row["opened"]),
+        "attachments": int(row["attachments"]),
     }
 
 

@@ -10,12 +10,13 @@ from shared.infra.db import Database, Row
 
 _RECORD_COLUMNS = (
     "email_id, recipient, send_email, subject, data, opened, created_at, updated_at,"
-    " attachments, status, type"
+    " attachments, status, type, ses_message_id"
 )
 
 
 def record(row: Row, masked_key: str) -> dict[str, Any]:
-    """The contract's record shape (plus status and type) for one email row."""
+    """The contract's record shape (plus status and type) for one email row; `aws_message_id`
+    is the provider's message id, null until the email is sent."""
     return {
         "email_id": row["email_id"],
         "email": row["recipient"],
@@ -29,6 +30,7 @@ def record(row: Row, masked_key: str) -> dict[str, Any]:
         "api_key": masked_key,
         "status": row["status"],
         "type": row["type"],
+        "aws_message_id": row["ses_message_id"],
     }
 
 

@@ -202,6 +202,7 @@ class Sent:
     claim: Claim
     message_id: str
     aws_data: dict[str, Any]
+    aws_info: dict[str, Any] = field(default_factory=dict)  # the transport, as on PROCESSING
 
 
 async def mark_sent_many(db: Database, sent: Sequence[Sent]) -> list[list[str]]:
@@ -251,7 +252,10 @@ async def _mark_sent_many(db: Database, sent: Sequence[Sent]) -> list[list[str]]
                 *(item.claim.row["id"] for item in chosen),
             ),
         )
-        events = [status_event(i.claim.row, SENT, aws_data=i.aws_data) for i in chosen]
+        events = [
+            status_event(i.claim.row, SENT, aws_data=i.aws_data, aws_info=i.aws_info)
+            for i in chosen
+        ]
         event_ids = await record_events(cur, events)
     for index, event_id in zip(winners.values(), event_ids, strict=True):
         results[index] = [event_id]

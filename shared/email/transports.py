@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import botocore.session
 import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from botocore.credentials import create_credential_resolver
 from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.infra.settings import Settings
@@ -242,7 +244,36 @@ class OutboxTransport:
         return {"transport": "outbox"}
 
 
+TransportName = Literal["ses", "outbox"]
+
+
+def choose_transport(settings: Settings) -> tuple[TransportName, str]:
+    """Where email goes, and why: EMAIL_TRANSPORT, or for `auto` SES when AWS credentials are
+    configured (the original's .env has them and no EMAIL_TRANSPORT), the outbox otherwise.
+
+    Credentials count from these settings (which also read .env) or from botocore's standard
+    chain (environment, shared credentials and config files, SSO, web identity, a container
+    role), except the EC2 instance metadata service: probing it costs every process start a
+    timeout on any machine that is not EC2. On EC2 with only an instance role, set
+    EMAIL_TRANSPORT=ses.
+    """
+    if settings.EMAIL_TRANSPORT != "auto":
+        return settings.EMAIL_TRANSPORT, "EMAIL_TRANSPORT"
+    if settings.AWS_ACCESS_KEY_ID:
+        return "ses", "AWS_ACCESS_KEY_ID is set"
+    try:
+        resolver = create_credential_resolver(botocore.session.get_session())
+        resolver.remove("iam-role")
+        found = resolver.load_credentials()
+    except BotoCoreError as exc:  # configured, but broken: SES will say why, loudly
+        return "ses", f"AWS configuration found but unusable ({type(exc).__name__})"
+    if found is not None:
+        return "ses", f"AWS credentials from {found.method}"
+    return "outbox", "no AWS credentials configured"
+
+
 def create_transport(settings: Settings) -> EmailTransport:
-    if settings.EMAIL_TRANSPORT == "ses":
+    name, _ = choose_transport(settings)
+    if name == "ses":
         return SesTransport(settings)
     return OutboxTransport(settings)

@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     # --- what the event-driven shape adds ---------------------------------------------
     RABBITMQ_URL: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     MYSQL_POOL_SIZE: int = Field(10, ge=1, le=200)
-    EMAIL_TRANSPORT: Literal["outbox", "ses"] = "outbox"
+    # "auto": SES when AWS credentials are configured (these settings or the standard AWS
+    # chain), the outbox otherwise; shared/email/transports.py:choose_transport decides.
+    EMAIL_TRANSPORT: Literal["auto", "outbox", "ses"] = "auto"
     EMAIL_OUTBOX_DIR: str = "outbox"
     AWS_ENDPOINT_URL: str = ""
     LOG_FORMAT: Literal["json", "console", ""] = ""  # blank: json in production, else console
