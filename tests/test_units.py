@@ -10,15 +10,24 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from cryptography.exceptions import InvalidTag
 
+from gateway.app_keys import SETTINGS
+from gateway.auth import bearer_token
+from gateway.errors import ApiError
+from gateway.middleware import errors
 from schemas.api_keys import iso_utc
 from schemas.messages import ExpireTask, ExpireTasks, Timer
+from shared.email.transports import choose_transport
 from shared.infra import crypto, ids
 from shared.infra.batching import BatcherPerOwner
 from shared.infra.clock import sleep_until
+from shared.infra.db import DatabaseUnavailable
 from shared.infra.logs import _redact
 from shared.infra.settings import Settings
 from shared.keys.durations import DurationError, expiry_after
@@ -296,3 +305,114 @@ def test_batcher_per_owner_keeps_one_batcher_per_owner_and_never_its_owner_alive
 
     assert asyncio.run(scenario()) == [10, 20, 30]
     assert sorted(flushed) == [("a", [1, 3]), ("b", [2])]
+
+
+# --- moving from the original (issue 17) -------------------------------------------------------
+
+_SECRETS = {
+    "ADMIN_API_KEY": "unit-admin-key-0123456789",
+    "SALT": "unit-salt-0123456789abcdefghijkl",
+}
+
+
+def _settings(**values: Any) -> Settings:
+    return Settings(_env_file=None, **_SECRETS, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def no_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No AWS credentials anywhere botocore looks (environment, shared files, profiles)."""
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_ARN",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    return tmp_path
+
+
+def test_email_transport_auto_follows_the_aws_credentials(
+    no_aws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _settings().EMAIL_TRANSPORT == "auto"
+    assert choose_transport(_settings())[0] == "outbox"
+    # The original's .env: keys in the settings.
+    assert choose_transport(_settings(AWS_ACCESS_KEY_ID="AKIA0", AWS_SECRET_ACCESS_KEY="s"))[0] == (
+        "ses"
+    )
+    # The standard chain: a shared credentials file...
+    (no_aws / "credentials").write_text("[default]\naws_access_key_id=A\naws_secret_access_key=B\n")
+    name, reason = choose_transport(_settings())
+    assert name == "ses" and "shared-credentials-file" in reason
+    (no_aws / "credentials").unlink()
+    # ...or the process environment, which the settings do not read for these names' files.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "A")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "B")
+    assert choose_transport(_settings(AWS_ACCESS_KEY_ID=""))[0] == "ses"
+    # An explicit choice wins either way.
+    assert choose_transport(_settings(EMAIL_TRANSPORT="outbox"))[0] == "outbox"
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert choose_transport(_settings(EMAIL_TRANSPORT="ses"))[0] == "ses"
+    # A profile that does not exist: configured but broken, so SES (which fails loudly),
+    # never an outbox that reports SENT.
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    assert choose_transport(_settings())[0] == "ses"
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer k1", "k1"),
+        ("bearer   k1 ", "k1"),
+        ("k1", "k1"),  # the original took the header's last word
+        ("Basic k1", None),
+        ("Bearer", None),
+        ("", None),
+        ("Bearer k1 k2", None),
+    ],
+)
+def test_authorization_header_forms(header: str, token: str | None) -> None:
+    request = make_mocked_request("POST", "/server/queue/add", headers={"Authorization": header})
+    assert bearer_token(request) == token
+
+
+async def test_original_error_status_keeps_bodies_and_headers_on_the_api_only() -> None:
+    async def unavailable(_: web.Request) -> web.Response:
+        raise DatabaseUnavailable("down")
+
+    async def refused(_: web.Request) -> web.Response:
+        raise ApiError(404, "nope", "QUE001_90012", removed=False)
+
+    async def unauthorized(_: web.Request) -> web.Response:
+        raise ApiError(401, "who?", "UNAUTHORIZED")
+
+    app = web.Application(middlewares=[errors])
+    app[SETTINGS] = _settings(ERROR_STATUS="original")
+    app.router.add_post("/server/down", unavailable)
+    app.router.add_post("/server/refused", refused)
+    app.router.add_post("/server/who", unauthorized)
+    app.router.add_post("/email-status", unavailable)
+    async with TestServer(app) as server, TestClient(server) as http:
+        resp = await http.post("/server/down")
+        assert resp.status == 200 and resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["code"] == "UNAVAILABLE"
+        resp = await http.post("/server/refused")
+        assert resp.status == 200
+        assert await resp.json() == {
+            "valid": False,
+            "msg": "nope",
+            "code": "QUE001_90012",
+            "removed": False,
+        }
+        assert (await http.post("/server/who")).status == 401
+        assert (await http.post("/server/no-such-route")).status == 200
+        assert (await http.post("/email-status")).status == 503  # SNS retries on a 5xx only
