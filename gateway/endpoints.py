@@ -7,7 +7,7 @@ handler, serialise) and generates the OpenAPI document, so docs and behaviour ca
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -65,7 +65,7 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
     return raw
 
 
-async def read_json(request: web.Request, max_bytes: int) -> tuple[Any, bool]:
+async def read_value(request: web.Request, max_bytes: int) -> tuple[Any, bool]:
     """The body's value and whether it came as an urlencoded form (gateway/forms.py) rather
     than JSON; an empty body counts as `{}` (all-defaults requests)."""
     raw = await read_body(request, max_bytes)
@@ -85,18 +85,20 @@ async def read_json(request: web.Request, max_bytes: int) -> tuple[Any, bool]:
         raise ApiError(400, "body is not valid JSON", "MALFORMED_JSON") from exc
 
 
+def log_unknown_fields(names: Collection[object]) -> None:
+    """Fields a route does not know, ignored as the original did; logged by name only (a value
+    may be secret), and only so many of them."""
+    if names:
+        fields = sorted(str(name)[:64] for name in names)[:20]
+        log.debug("request.unknown_fields", fields=fields, count=len(names))
+
+
 def parse_model(model: type[BaseModel], value: Any, *, form: bool = False) -> BaseModel:
     """`value` validated as `model`; `form` tells validators the values came urlencoded (all
     strings). Unknown fields are ignored and logged, by name only (a value may be secret)."""
     if not isinstance(value, dict):
         raise ApiError(422, "body must be a JSON object", "VALIDATION")
-    unknown = value.keys() - model.model_fields.keys()
-    if unknown:
-        log.debug(
-            "request.unknown_fields",
-            fields=sorted(str(name)[:64] for name in unknown)[:20],
-            count=len(unknown),
-        )
+    log_unknown_fields(value.keys() - model.model_fields.keys())
     try:
         return model.model_validate(value, context={FORM_CONTEXT: form})
     except ValidationError as exc:
@@ -122,7 +124,7 @@ def _adapter(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.Stream
         payload = None
         if endpoint.body is not None:
             limit = request.app[SETTINGS].CLIENT_MAX_JSON_BYTES
-            value, form = await read_json(request, limit)
+            value, form = await read_value(request, limit)
             payload = parse_model(endpoint.body, value, form=form)
         result = await endpoint.handler(request, payload)
         if isinstance(result, web.StreamResponse):

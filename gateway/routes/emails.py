@@ -11,13 +11,12 @@ import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-import structlog
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app_keys import BROKER, DB, SETTINGS
 from gateway.auth import Role, client_key
-from gateway.endpoints import EndpointTable, read_body
+from gateway.endpoints import EndpointTable, log_unknown_fields, read_body
 from gateway.errors import ApiError
 from gateway.forms import FORM_TYPE, decode_form
 from schemas.emails import (
@@ -35,7 +34,6 @@ from shared.email.queueing import queue_email
 from shared.email.records import fetch_page, fetch_records, record
 from shared.email.validation import new_email
 
-log = structlog.get_logger("gateway")
 table = EndpointTable()
 TAG = "Email"
 
@@ -114,7 +112,7 @@ async def read_form(
         await form.read(await request.multipart())
     except (HttpProcessingError, ValueError, AssertionError, LookupError, EOFError) as exc:
         raise ApiError(400, "malformed multipart body", "MALFORMED_MULTIPART") from exc
-    _log_ignored(form.ignored)
+    log_unknown_fields(form.ignored)
     return form.fields, form.files
 
 
@@ -137,13 +135,8 @@ def _urlencoded(
         if len(value.encode("utf-8", "surrogatepass")) > limit:
             raise _too_large(limit, name)
         fields[name] = value
-    _log_ignored([str(name) for name in decoded.keys() - text_limits.keys()])
+    log_unknown_fields(decoded.keys() - text_limits.keys())
     return fields
-
-
-def _log_ignored(names: list[str]) -> None:
-    if names:  # by name only: a value may be secret
-        log.debug("request.unknown_fields", fields=sorted(n[:64] for n in names)[:20])
 
 
 class _Form:
