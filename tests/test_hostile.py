@@ -654,6 +654,41 @@ async def test_deeply_nested_json_is_400_not_a_recursion_error(
         assert resp.status in (200, 400), (depth, resp.status, await resp.text())
 
 
+async def test_data_deeper_than_64_levels_is_refused_and_shallower_data_reads_back(
+    client: Client, make_key: KeyFactory, settings: Settings
+) -> None:
+    """Data nested a few hundred levels was accepted, then queue/get and callbacks/get answered
+    500 on every call (pydantic will not serialise it). 64 levels is the limit now."""
+    key = await make_key()
+    headers = {**key["headers"], **JSON_HEADERS}
+    for depth in (65, 300):
+        task = f'{{"expiryDate": "{FAR_FUTURE}", "data": {_nested_object(depth)}}}'
+        resp = await client.post("/server/queue/add", data=task, headers=headers)
+        await assert_error(resp, 400, "TOO_DEEP")
+        form, ctype = multipart({**EMAIL_FIELDS, "data": _nested_object(depth)})
+        resp = await client.post(
+            "/server/email/add", data=form, headers={**key["headers"], "Content-Type": ctype}
+        )
+        await assert_error(resp, 400, "TOO_DEEP")
+    data = json.loads(_nested_object(64))
+    added = await ok_json(
+        await client.post(
+            "/server/queue/add", json={"expiryDate": FAR_FUTURE, "data": data}, headers=headers
+        )
+    )
+    got = await ok_json(
+        await client.post("/server/queue/get", json={"queue_id": added["taskId"]}, headers=headers)
+    )
+    assert got["data"] == data
+    [event] = db_rows(
+        settings, "SELECT event_id FROM callback_events WHERE subject_id = %s", (added["taskId"],)
+    )
+    delivery = await ok_json(
+        await client.post("/server/callbacks/get", json=event, headers=headers)
+    )
+    assert delivery["delivery"]["payload"]["data"] == data
+
+
 async def test_invalid_text_is_400(
     client: Client, make_key: KeyFactory, admin: dict[str, str], settings: Settings
 ) -> None:

@@ -12,6 +12,7 @@ from schemas.tasks import AddedTask, AddTask, RemovedTask, TaskRef, TaskState
 from shared.tasks import add, read, remove
 from shared.tasks.model import (
     BadIdempotencyKey,
+    DataTooDeep,
     DataTooLarge,
     ExpiryOutOfRange,
     IdempotencyConflict,
@@ -28,6 +29,7 @@ TAG = "Task queue"
 _ERRORS: dict[type[TaskError], tuple[int, str]] = {
     ExpiryOutOfRange: (400, "EXPIRY_OUT_OF_RANGE"),
     BadIdempotencyKey: (400, "BAD_IDEMPOTENCY_KEY"),
+    DataTooDeep: (400, "TOO_DEEP"),
     IdempotencyConflict: (409, "IDEMPOTENCY_CONFLICT"),
     DataTooLarge: (413, "DATA_TOO_LARGE"),
     InvalidData: (422, "VALIDATION"),

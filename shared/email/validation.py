@@ -8,6 +8,7 @@ from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
+from schemas.common import MAX_JSON_DEPTH, json_depth
 from shared.email.mime import (
     SES_MAX_RAW_BYTES,
     Attachment,
@@ -52,6 +53,8 @@ def parse_data(raw: str) -> dict[str, Any]:
         raise InvalidEmail("data: not valid JSON", "BAD_DATA") from exc
     if not isinstance(value, dict):
         raise InvalidEmail("data: must be a JSON object", "BAD_DATA")
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise InvalidEmail(f"data: must not nest deeper than {MAX_JSON_DEPTH} levels", "TOO_DEEP")
     try:  # JSON may spell lone surrogates (\ud800), which no database column can hold
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as exc:
