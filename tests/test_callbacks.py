@@ -647,3 +647,16 @@ async def test_list_get_and_replay_only_ever_show_the_callers_own_deliveries(
     assert sorted({r.headers["webhook-id"] for r in receiver.at("replay") if r.json()}) == sorted(
         [*failed, waiting]
     )
+
+
+@pytest.mark.parametrize("since", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+async def test_replay_since_at_the_edge_of_the_date_range_is_422_not_500(
+    client: Client, make_key: Any, since: str
+) -> None:
+    """Such a time has no UTC equivalent: converting it raised OverflowError, answered 500."""
+    key = await make_key()
+    resp = await client.post(
+        "/server/callbacks/replay", json={"since": since}, headers=key["headers"]
+    )
+    assert resp.status == 422, await resp.text()
+    assert (await resp.json())["code"] == "VALIDATION"
