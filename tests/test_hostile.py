@@ -932,6 +932,19 @@ async def test_malformed_requests_are_counted_not_logged_with_tracebacks(
     assert await malformed() == before + 3
 
 
+async def test_server_header_names_no_versions(slow_gateway: ServiceProcess) -> None:
+    """aiohttp's default (`Python/3.11.2 aiohttp/3.10.5`) told a scanner what to try; also on
+    the 400s aiohttp answers by itself, before any handler or signal runs."""
+    port = _port(slow_gateway)
+    answered = await raw_http(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    malformed = await raw_http(
+        port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n", expect_close=True
+    )
+    assert (answered.status, malformed.status) == (200, 400)
+    for resp in (answered, malformed):
+        assert resp.headers["server"] == "queue-server", resp.headers
+
+
 async def test_a_body_sent_in_time_is_accepted(
     slow_gateway: ServiceProcess, make_key: KeyFactory
 ) -> None:
