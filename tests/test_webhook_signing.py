@@ -29,6 +29,7 @@ from shared.callbacks.webhooks import (
 from shared.infra.batching import Batcher
 from shared.infra.crypto import new_webhook_secret
 from shared.infra.settings import Settings
+from workers.callbacks import CallbackWorker
 
 SALT = "a-test-salt-that-is-long-enough-0123456789"
 BODY = json.dumps({"queue_id": "q1", "event": "ADD", "data": {"a": 1}}, separators=(",", ":"))
@@ -125,6 +126,9 @@ def test_no_secret_means_jwt_only() -> None:
         "::ffff:169.254.169.254",
         "fe80::1%eth0",
         "fd00:ec2::254",
+        "100.100.100.200",
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b:1::a9fe:a9fe",
         "0.0.0.0",
         "::",
         "224.0.0.1",
@@ -139,6 +143,34 @@ def test_link_local_and_metadata_are_always_refused(address: str) -> None:
 @pytest.mark.parametrize("address", ["127.0.0.1", "::1", "10.1.2.3", "192.168.0.5", "8.8.8.8"])
 def test_private_and_loopback_are_allowed_by_default(address: str) -> None:
     NetworkPolicy().check(address)
+
+
+def test_loopback_is_refused_in_production_unless_listed() -> None:
+    production = NetworkPolicy(loopback=False)
+    for address in ("127.0.0.1", "127.8.9.1", "::1", "::ffff:127.0.0.1"):
+        assert "loopback" in (production.refusal(address) or ""), address
+    assert production.refusal("10.1.2.3") is None  # private networks stay allowed
+    listed = NetworkPolicy(allow=(ip_network("127.0.0.1/32"),), loopback=False)
+    assert listed.refusal("127.0.0.1") is None
+    assert "loopback" in (listed.refusal("127.0.0.2") or "")
+    anywhere = NetworkPolicy(allow=(ip_network("0.0.0.0/0"), ip_network("::/0")), loopback=False)
+    assert "loopback" in (anywhere.refusal("127.0.0.1") or "")  # a broad entry does not list it
+
+
+def test_metadata_and_link_local_open_only_when_listed_inside_their_range() -> None:
+    listed = NetworkPolicy(allow=(ip_network("169.254.10.0/24"), ip_network("64:ff9b::/96")))
+    assert listed.refusal("169.254.10.7") is None
+    assert "link-local" in (listed.refusal("169.254.169.254") or "")
+    assert listed.refusal("64:ff9b::a00:1") is None  # a DNS64 network chose to allow NAT64
+    assert "CALLBACK_ALLOW_NETWORKS" in (listed.refusal("10.0.0.1") or "")
+
+
+def test_the_callbacks_worker_refuses_loopback_in_production() -> None:
+    base = {"ADMIN_API_KEY": "admin-key-0123456789abcdef", "SALT": SALT}
+    for node_env, refused in (("production", True), ("", True), ("dev", False)):
+        settings = Settings(_env_file=None, NODE_ENV=node_env, **base)  # type: ignore[call-arg]
+        policy = CallbackWorker.network_policy(settings)
+        assert (policy.refusal("127.0.0.1") is not None) is refused, node_env
 
 
 def test_deny_and_allow_lists() -> None:

@@ -42,6 +42,7 @@ from shared.infra import crypto, metrics
 from shared.infra.batching import Batcher
 from shared.infra.broker import BrokerUnavailable, cascade_for
 from shared.infra.db import utcnow
+from shared.infra.settings import Settings
 from workers.consumer import QueueConsumer, Reject, Retry, backoff_ms
 from workers.runtime import Context
 
@@ -106,9 +107,7 @@ class CallbackWorker:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
         settings = ctx.settings
-        self._policy = webhooks.NetworkPolicy(
-            allow=settings.CALLBACK_ALLOW_NETWORKS, deny=settings.CALLBACK_DENY_NETWORKS
-        )
+        self._policy = self.network_policy(settings)
         self._signer = webhooks.Signer(settings.SALT.get_secret_value(), settings.JWT_EXP_HRS)
         self._lease = settings.CALLBACK_TIMEOUT_SECONDS + LEASE_MARGIN_SECONDS
         # A timer longer than one pass of the delay cascade would arrive early and find the
@@ -133,6 +132,15 @@ class CallbackWorker:
             destination=DeliverCallback.DESTINATION,
             handle=self.handle,
             prefetch=settings.CALLBACK_CONCURRENCY,
+        )
+
+    @staticmethod
+    def network_policy(settings: Settings) -> webhooks.NetworkPolicy:
+        """Where callbacks may go: loopback only outside production (README "Callbacks")."""
+        return webhooks.NetworkPolicy(
+            allow=settings.CALLBACK_ALLOW_NETWORKS,
+            deny=settings.CALLBACK_DENY_NETWORKS,
+            loopback=not settings.is_production,
         )
 
     async def start(self) -> None:

@@ -40,16 +40,21 @@ USER_AGENT = "queue-server-callbacks/1"
 RESPONSE_SNIPPET_BYTES = 1024
 MAX_ERROR_CHARS = 512
 
-# Never a legitimate receiver, whatever the configuration says: link-local (which holds the cloud
-# metadata service at 169.254.169.254 and AWS's fd00:ec2::254), "this network", multicast and
-# broadcast. Private ranges and loopback are NOT here: this is an internal service whose clients
-# usually live next to it; deny them with CALLBACK_DENY_NETWORKS where that is not so.
+# Never a receiver unless CALLBACK_ALLOW_NETWORKS lists them by an entry inside the range (an
+# operator's deliberate choice; a broad entry such as 0.0.0.0/0 does not count): link-local (with
+# the cloud metadata service at 169.254.169.254), the other metadata addresses (AWS's
+# fd00:ec2::254, Alibaba's 100.100.100.200), NAT64 (64:ff9b::a9fe:a9fe is 169.254.169.254 through
+# a translator), "this network", multicast and broadcast. Private ranges are NOT here: this is an
+# internal service whose clients usually live next to it (CALLBACK_DENY_NETWORKS restricts them).
 ALWAYS_DENIED: tuple[Network, ...] = tuple(
     ip_network(cidr)
     for cidr in (
         "169.254.0.0/16",
         "fe80::/10",
         "fd00:ec2::254/128",
+        "100.100.100.200/32",
+        "64:ff9b::/96",
+        "64:ff9b:1::/48",
         "0.0.0.0/8",
         "::/128",
         "224.0.0.0/4",
@@ -57,6 +62,9 @@ ALWAYS_DENIED: tuple[Network, ...] = tuple(
         "255.255.255.255/32",
     )
 )
+# Denied the same way in production (NODE_ENV=production); development and tests call receivers
+# on this machine.
+LOOPBACK: tuple[Network, ...] = (ip_network("127.0.0.0/8"), ip_network("::1/128"))
 
 
 # --- signing ---------------------------------------------------------------------------------
@@ -118,21 +126,32 @@ class DestinationRefused(OSError):
 
 @dataclass(frozen=True)
 class NetworkPolicy:
-    """Allow/deny lists of destination networks; empty `allow` means anywhere not denied."""
+    """Allow/deny lists of destination networks; empty `allow` means anywhere not denied.
+
+    `loopback`: whether loopback is allowed without being listed (not in production).
+    """
 
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
+    loopback: bool = True
 
     def refusal(self, address: str) -> str | None:
         """Why connecting to `address` is refused, or None if it is allowed."""
         ip = _normalise(address)
-        if _within(ip, ALWAYS_DENIED):
-            return f"{ip} is link-local, metadata, multicast or unspecified"
+        if _within(ip, ALWAYS_DENIED) and not self._listed(ip, ALWAYS_DENIED):
+            return f"{ip} is link-local, metadata, NAT64, multicast or unspecified"
+        if not self.loopback and _within(ip, LOOPBACK) and not self._listed(ip, LOOPBACK):
+            return f"{ip} is loopback (refused in production unless in CALLBACK_ALLOW_NETWORKS)"
         if _within(ip, self.deny):
             return f"{ip} is in CALLBACK_DENY_NETWORKS"
         if self.allow and not _within(ip, self.allow):
             return f"{ip} is not in CALLBACK_ALLOW_NETWORKS"
         return None
+
+    def _listed(self, ip: IPv4Address | IPv6Address, guarded: Iterable[Network]) -> bool:
+        """Whether an allow entry holding `ip` lies inside one of the guarded ranges holding it."""
+        ranges = [g for g in guarded if ip in g]
+        return any(ip in entry and _inside(entry, ranges) for entry in self.allow)
 
     def check(self, address: str) -> None:
         """Raise DestinationRefused unless `address` may be connected to."""
@@ -162,6 +181,11 @@ def _normalise(address: str) -> IPv4Address | IPv6Address:
 
 def _within(ip: IPv4Address | IPv6Address, networks: Iterable[Network]) -> bool:
     return any(ip in network for network in networks)
+
+
+def _inside(network: Network, ranges: Iterable[Network]) -> bool:
+    # subnet_of raises TypeError across IP versions, hence the version check first.
+    return any(r.version == network.version and network.subnet_of(r) for r in ranges)  # type: ignore[arg-type]
 
 
 def guarded_connector(policy: NetworkPolicy, *, limit: int) -> aiohttp.TCPConnector:

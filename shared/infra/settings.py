@@ -91,8 +91,9 @@ class Settings(BaseSettings):
     # A 429/503 `Retry-After` is honoured up to this many seconds.
     CALLBACK_RETRY_AFTER_MAX_SECONDS: float = Field(3600.0, ge=0, le=86_400)
     # Destination networks (CIDRs, comma-separated) checked on the address actually connected
-    # to. Empty allow list = anywhere not denied. Link-local (incl. 169.254.169.254) is always
-    # denied; private ranges and loopback are allowed unless listed here.
+    # to. Empty allow list = anywhere not denied. Private ranges are allowed unless denied here.
+    # Link-local, metadata (169.254.169.254, fd00:ec2::254, 100.100.100.200), NAT64 and, in
+    # production, loopback are refused unless an allow entry inside them lists them.
     CALLBACK_ALLOW_NETWORKS: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = ()
     CALLBACK_DENY_NETWORKS: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = ()
 
