@@ -27,10 +27,12 @@ from shared.email.model import (
     InvalidEmail,
     MessageTooLarge,
     NewEmail,
+    SenderNotAllowed,
     TemplateNotFound,
 )
 from shared.email.templates import TEMPLATE_NAME, get_template
 from shared.infra.db import Database
+from shared.keys.apikeys import ApiKey
 from shared.keys.idempotency import KEY_RULE, valid_key
 
 
@@ -131,6 +133,13 @@ def new_email(fields: Mapping[str, str], files: Iterable[Attachment] = ()) -> Ne
     if text is None and template is None:
         raise InvalidEmail("give a template or a text", "MISSING_FIELD")
     return email
+
+
+def check_sender(email: NewEmail, key: ApiKey) -> None:
+    """A key limited to some senders (allowed_senders) may send only as those: a central email
+    service for many teams must not let one team send as another."""
+    if not key.may_send_as(email.send_email):
+        raise SenderNotAllowed(f"sendEmail {email.send_email!r} is not among this key's senders")
 
 
 async def check_renderable(db: Database, email: NewEmail) -> None:
