@@ -10,7 +10,7 @@ import aiohttp
 import structlog
 from aiohttp import web, web_response
 
-from gateway.app_keys import BROKER, DB, ENDPOINTS, KEY_CACHE, SETTINGS, SNS_HTTP
+from gateway.app_keys import BROKER, DB, ENDPOINTS, KEY_CACHE, KEY_RATES, SETTINGS, SNS_HTTP
 from gateway.auth import KeyCache
 from gateway.endpoints import install
 from gateway.middleware import access_log, auth, body_deadline, errors
@@ -18,6 +18,7 @@ from gateway.routes import ENDPOINTS as ALL_ENDPOINTS
 from shared.email.tracking.notifications import LiveSnsHttp
 from shared.infra.resources import open_broker, open_database
 from shared.infra.settings import Settings
+from shared.keys.request_rates import KeyRates
 from shared.status import snapshot
 
 log = structlog.get_logger("gateway")
@@ -32,6 +33,7 @@ SERVER_HEADER = "queue-server"
 async def _database(app: web.Application) -> AsyncIterator[None]:
     async with open_database(app[SETTINGS]) as db:
         app[DB] = db
+        app[KEY_RATES] = KeyRates(db, app[SETTINGS].API_RATE_LIMIT_PER_SEC)
         yield
 
 

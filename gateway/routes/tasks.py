@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from gateway.app_keys import BROKER, DB, SETTINGS
@@ -43,7 +45,7 @@ _ERRORS: dict[type[TaskError], tuple[int, str]] = {
 REMOVE_REFUSED = "QUE001_90012"
 
 
-def _api_error(exc: TaskError, **extra: object) -> ApiError:
+def _api_error(exc: TaskError, **extra: Any) -> ApiError:
     status, code = _ERRORS[type(exc)]
     return ApiError(status, str(exc), code, **extra)
 
