@@ -32,6 +32,7 @@ from shared.keys.durations import DurationError, expiry_after
 table = EndpointTable()
 TAG = "API keys"
 NO_SUCH_KEY = "no such API key"
+ANOTHER_KEY = "invalid token: issued to another key"
 
 
 def _expiry(duration: str) -> Any:
@@ -173,21 +174,22 @@ async def verify_token(request: web.Request, body: VerifyToken) -> VerifiedToken
     principal = request[PRINCIPAL]
     settings = request.app[SETTINGS]
     if settings.CALLBACK_JWT_KEY == "salt":
-        keys: list[str | bytes] = [settings.SALT.get_secret_value()]
         own = getattr(principal, "api_name", None)
+        keys: list[str | bytes] = [settings.SALT.get_secret_value()]
     else:
-        # Which key's secrets to try comes from the token; a client may only ask about its own.
+        # Whose secrets to try comes from the token; a client may only ask about its own.
         own = getattr(principal, "public_id", None)
         subject = unverified_subject(body.token)
+        if subject is None:
+            raise bad_request("invalid token: not a callback JWT", "TOKEN_INVALID")
         if not isinstance(principal, Admin) and subject != own:
-            raise bad_request("invalid token: issued to another key", "TOKEN_INVALID")
-        secrets = await webhook_secrets.signing_secrets(
-            request.app[DB], settings.keyring, subject or ""
+            raise bad_request(ANOTHER_KEY, "TOKEN_INVALID")
+        keys = list(
+            await webhook_secrets.signing_secrets(request.app[DB], settings.keyring, subject)
         )
-        keys = list(secrets)
     claims = _verified(body.token, keys)
     if not isinstance(principal, Admin) and claims.get("sub") != own:
-        raise bad_request("invalid token: issued to another key", "TOKEN_INVALID")
+        raise bad_request(ANOTHER_KEY, "TOKEN_INVALID")
     return VerifiedToken(payload=claims)
 
 
