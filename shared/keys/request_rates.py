@@ -4,9 +4,10 @@ Each limited key has a token bucket in one MySQL row (`api_rate_buckets`): it re
 key's rate and holds at most one second's worth, so a key averages its rate and may burst up to
 one second's worth. A gateway does not ask MySQL per request. It leases a slice of the bucket
 (a tenth of a second's worth, at least one token) in a single statement, then admits requests
-from the slice in memory, leasing the next one when half is used; tokens unused LEASE_SECONDS
-after the last lease lapse (gone for everyone, so a gateway never hoards more than a slice and
-a half). When the bucket is empty, the
+from the slice in memory, leasing the next one in the background when half is used or the
+slice is about to lapse; tokens unused LEASE_SECONDS after the last lease lapse (gone for
+everyone), and at most one slice carries over into the next, so a gateway never holds more
+than two. When the bucket is empty, the
 gateway refuses that key locally for a token's time (at least EMPTY_RECHECK_SECONDS) before it
 asks again, so a client hammering over its limit costs MySQL at most a few statements a second
 per gateway. Concurrent requests of one key wait on one lease.
@@ -30,6 +31,7 @@ from shared.keys.apikeys import ApiKey
 
 SLICE_SHARE = 0.1  # of a second's worth, per lease
 LEASE_SECONDS = 1.0
+RENEW_BEFORE = 0.25  # seconds before a slice lapses, its successor is leased in the background
 EMPTY_RECHECK_SECONDS = 0.05
 
 # One statement takes a slice: refill the bucket for the time since its last lease, take up to
@@ -91,17 +93,19 @@ class KeyRates:
     async def admit(self, key: ApiKey) -> None:
         """Count one request of `key`, or raise RateLimited. Call only when `rate_of(key)`.
 
-        The next slice is leased when half of this one is used, so at full speed requests do
-        not wait for MySQL (the pool is busy with the requests' own work then).
+        The next slice is leased in the background when half of this one is used or it is
+        about to lapse, so at full speed requests do not wait for MySQL (whose pool is busy
+        with the requests' own work then).
         """
         rate = self.rate_of(key)
         want = max(1, math.ceil(rate * SLICE_SHARE))
-        held = self._slices.setdefault(key.id, _Slice())
+        held = self._slices.get(key.id) or self._slices.setdefault(key.id, _Slice())
         while True:
             now = self._clock()
             if held.tokens > 0 and held.expires > now:
                 held.tokens -= 1
-                if held.tokens < want // 2 and held.lease is None:
+                running_low = held.tokens < want // 2 or held.expires - now < RENEW_BEFORE
+                if running_low and held.lease is None:
                     self._lease(key.id, rate, want, held)
                 return
             if held.empty_until > now:
@@ -115,7 +119,8 @@ class KeyRates:
             try:
                 granted = await lease_tokens(self._db, key_id, rate, want)
                 now = self._clock()
-                left = held.tokens if held.expires > now else 0
+                # What is left carries over up to one slice: never more than two held.
+                left = min(held.tokens, want) if held.expires > now else 0
                 held.tokens, held.expires = left + granted, now + LEASE_SECONDS
                 if not granted:
                     held.empty_until = now + max(EMPTY_RECHECK_SECONDS, 1 / rate)
