@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import jwt
@@ -35,7 +36,7 @@ NO_SUCH_KEY = "no such API key"
 ANOTHER_KEY = "invalid token: issued to another key"
 
 
-def _expiry(duration: str) -> Any:
+def _expiry(duration: str) -> datetime:
     try:
         return expiry_after(duration, utcnow())
     except DurationError as exc:

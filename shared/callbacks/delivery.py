@@ -129,8 +129,8 @@ async def _read(db: Database, event_ids: Sequence[str]) -> dict[str, Delivery]:
 
 
 def _delivery(row: Row) -> Delivery:
-    secrets = StoredSecrets.take_from(row)
-    return Delivery(**{**row, "due_in_ms": int(row["due_in_ms"]), "secrets": secrets})
+    stored = StoredSecrets.take_from(row)
+    return Delivery(**{**row, "due_in_ms": int(row["due_in_ms"]), "secrets": stored})
 
 
 async def _give_up(db: Database, event_ids: Sequence[str], token: str, error: str) -> None:
