@@ -343,3 +343,17 @@ def test_batcher_per_owner_keeps_one_batcher_per_owner_and_never_its_owner_alive
 
     assert asyncio.run(scenario()) == [10, 20, 30]
     assert sorted(flushed) == [("a", [1, 3]), ("b", [2])]
+
+
+def test_key_settings_from_the_environment() -> None:
+    from pydantic import ValidationError
+
+    base = {"ADMIN_API_KEY": "admin-key-0123456789abcdef", "SALT": SALT_A}
+    parsed = Settings(_env_file=None, API_RATE_LIMIT_PER_SEC="", SALT_PREVIOUS="", **base)  # type: ignore[call-arg]
+    assert parsed.API_RATE_LIMIT_PER_SEC == 0 and parsed.keyring.previous is None
+    assert parsed.CALLBACK_JWT_KEY == "secret" and parsed.WEBHOOK_SECRET_OVERLAP_HOURS == 24
+    rotating = Settings(_env_file=None, SALT_PREVIOUS=SALT_B, **base)  # type: ignore[call-arg]
+    assert rotating.keyring.previous is not None
+    for bad in ({"SALT_PREVIOUS": SALT_A}, {"SALT_PREVIOUS": "short"}, {"CALLBACK_JWT_KEY": "x"}):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, **base, **bad)  # type: ignore[call-arg, arg-type]
