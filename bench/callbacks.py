@@ -208,7 +208,7 @@ async def run(args: argparse.Namespace, env: dict[str, str]) -> None:
         await wait_http(stats_url)
         created = await apikeys.create_key(
             db,
-            salt=settings.SALT.get_secret_value(),
+            keyring=settings.keyring,
             api_name="bench",
             return_api=f"http://127.0.0.1:{port}/callback",
             expire_date=None,

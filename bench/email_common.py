@@ -161,7 +161,7 @@ async def bench_stack(**settings: str) -> AsyncIterator[EmailBench]:
         await broker.setup()
         key = await apikeys.create_key(
             db,
-            salt=config.SALT.get_secret_value(),
+            keyring=config.keyring,
             api_name="bench",
             return_api="http://127.0.0.1:9/unused",
             expire_date=None,

@@ -96,6 +96,7 @@ class Stack:
     env: dict[str, str]
     workdir: Path
     services: list[Service] = field(default_factory=list)
+    command: tuple[str, ...] = (EXE,)  # how to run `queue-server` (another checkout's, say)
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -110,7 +111,7 @@ class Stack:
             env |= {"PORT": str(port), "HOST": "127.0.0.1"}
             url = f"http://127.0.0.1:{port}"
         log = (self.workdir / f"{name}.log").open("ab")
-        command = [EXE, *args]
+        command = [*self.command, *args]
         if os.environ.get("BENCH_PROFILE"):  # cProfile each service; read with pstats
             command = [sys.executable, "-m", "cProfile", "-o", f"{name}.prof", *command]
         proc = subprocess.Popen(command, env=env, cwd=self.workdir, stdout=log, stderr=log)
@@ -161,8 +162,10 @@ def scratch_vhost(name: str) -> Iterator[str]:
 
 
 @contextmanager
-def stack(name: str, **settings: str) -> Iterator[Stack]:
-    """Create a database and vhost, migrate, yield; then stop everything and remove both."""
+def stack(name: str, command: tuple[str, ...] = (EXE,), **settings: str) -> Iterator[Stack]:
+    """Create a database and vhost, migrate, yield; then stop everything and remove both.
+
+    `command` runs `queue-server` (migrate and setup-broker here, services in Stack.start)."""
     run_id = f"qs_bench_{name}_{secrets.token_hex(3)}"
     workdir = Path(os.environ.get("BENCH_WORKDIR", "/tmp")) / run_id
     workdir.mkdir(parents=True)
@@ -179,12 +182,12 @@ def stack(name: str, **settings: str) -> Iterator[Stack]:
         "LOG_FORMAT": "json",
         **settings,
     }
-    bench = Stack(run_id, env, workdir)
+    bench = Stack(run_id, env, workdir, command=command)
     with scratch_vhost(run_id):
         try:
-            for command in ("migrate", "setup-broker"):
+            for step in ("migrate", "setup-broker"):
                 subprocess.run(
-                    [EXE, command],
+                    [*command, step],
                     env={**os.environ, **env},
                     cwd=workdir,
                     check=True,
@@ -202,10 +205,10 @@ def stack(name: str, **settings: str) -> Iterator[Stack]:
 
 
 async def create_key(
-    session: aiohttp.ClientSession, gateway: str, bench: Stack, return_api: str
+    session: aiohttp.ClientSession, gateway: str, bench: Stack, return_api: str, **fields: Any
 ) -> dict[str, str]:
-    """A client key; returns its Authorization header."""
-    body = {"api_name": f"bench-{secrets.token_hex(4)}", "return_api": return_api}
+    """A client key (with more `fields` of the create body); returns its Authorization header."""
+    body = {"api_name": f"bench-{secrets.token_hex(4)}", "return_api": return_api, **fields}
     async with session.post(
         gateway + "/server/api/create", json=body, headers=bench.admin_headers
     ) as resp:

@@ -71,6 +71,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def _migrate(settings: Settings) -> list[str]:
+    """Apply pending migrations, then re-seal stored secrets the current SALT did not seal
+    (the scheme before migration 0012, or SALT_PREVIOUS while rotating SALT). The second step
+    is in Python, so it runs here after the SQL files, every time: it finds nothing to do once
+    done, and it must run again after every SALT rotation."""
+    from shared.infra.migrate import migrate as apply_migrations
+    from shared.infra.resources import open_database
+    from shared.keys.webhook_secrets import reseal_stored_secrets
+
+    applied = await apply_migrations(settings)
+    async with open_database(settings) as db:
+        await reseal_stored_secrets(db, settings.keyring)
+    return applied
+
+
 async def _setup_broker(settings: Settings) -> None:
     from shared.infra.resources import open_broker
 
@@ -85,11 +100,10 @@ def _serve_http(
 
     from cli.app import create_app
     from shared.infra.gc_tuning import freeze_startup_objects
-    from shared.infra.migrate import migrate as apply_migrations
     from workers.registry import WORKERS
 
     if migrate:
-        _run(apply_migrations(settings))
+        _run(_migrate(settings))
     app = create_app(
         settings, setup_broker=setup_broker, workers=sorted(WORKERS) if with_workers else ()
     )
@@ -130,6 +144,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings)
     if args.command in ("run", "gateway", "worker"):
         settings = _with_transport(settings)
+    if settings.CALLBACK_JWT_KEY == "salt":
+        import structlog
+
+        structlog.get_logger("queue-server").warning(
+            "callback_jwt.signed_with_salt",
+            detail="CALLBACK_JWT_KEY=salt: callback JWTs are signed with SALT, which every "
+            "client then holds and any of them can sign for another key; move clients to "
+            "their own webhook secrets and unset it (README 'Callbacks')",
+        )
     if args.command in ("run", "gateway"):
         _serve_http(
             settings,
@@ -142,9 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         _run(serve_workers(settings, args.names))
     elif args.command == "migrate":
-        from shared.infra.migrate import migrate as apply_migrations
-
-        applied = _run(apply_migrations(settings))
+        applied = _run(_migrate(settings))
         print(
             f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "")
         )

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import structlog
-from aiohttp import web
+from aiohttp import web, web_response
 
-from gateway.app_keys import BROKER, DB, ENDPOINTS, KEY_CACHE, SETTINGS, SNS_HTTP
+from gateway.app_keys import BROKER, DB, ENDPOINTS, KEY_CACHE, KEY_RATES, SETTINGS, SNS_HTTP
 from gateway.auth import KeyCache
 from gateway.endpoints import install
 from gateway.middleware import access_log, auth, body_deadline, errors
@@ -18,17 +18,22 @@ from gateway.routes import ENDPOINTS as ALL_ENDPOINTS
 from shared.email.tracking.notifications import LiveSnsHttp
 from shared.infra.resources import open_broker, open_database
 from shared.infra.settings import Settings
+from shared.keys.request_rates import KeyRates
 from shared.status import snapshot
 
 log = structlog.get_logger("gateway")
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 # Room for multipart framing on top of MAX_UPLOAD_SIZE's payload.
 _MULTIPART_OVERHEAD = 64 * 1024
+# The `Server` header of every answer, without aiohttp's default versions (`Python/3.11.2
+# aiohttp/3.10.5` tells a scanner which known bugs to try).
+SERVER_HEADER = "queue-server"
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     async with open_database(app[SETTINGS]) as db:
         app[DB] = db
+        app[KEY_RATES] = KeyRates(db, app[SETTINGS].API_RATE_LIMIT_PER_SEC)
         yield
 
 
@@ -71,6 +76,9 @@ async def _status_refresher(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, *, setup_broker: bool = True) -> web.Application:
     """The gateway (cli/app.py adds workers to it for `queue-server run`)."""
+    # Replaced where aiohttp reads it rather than in on_response_prepare: that signal does not
+    # reach the 400s aiohttp answers by itself to requests it cannot parse.
+    web_response.SERVER_SOFTWARE = SERVER_HEADER  # type: ignore[attr-defined]
     app = web.Application(
         middlewares=[access_log, body_deadline, errors, auth],
         client_max_size=settings.max_upload_bytes + _MULTIPART_OVERHEAD,

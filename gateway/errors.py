@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -13,11 +14,20 @@ from schemas.common import ErrorBody
 class ApiError(Exception):
     """Raised by handlers; the error middleware turns it into a JSON response."""
 
-    def __init__(self, status: int, msg: str, code: str, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        msg: str,
+        code: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(msg)
         self.status = status
         self.msg = msg
         self.code = code
+        self.headers = dict(headers or {})
         self.extra = extra
 
 

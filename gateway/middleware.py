@@ -10,13 +10,15 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from gateway.app_keys import DB, KEY_CACHE, SETTINGS
+from gateway.app_keys import DB, KEY_CACHE, KEY_RATES, SETTINGS
 from gateway.auth import PRINCIPAL, Role, allowed, authenticate, bearer_token
 from gateway.endpoints import endpoint_of
 from gateway.errors import ApiError, SlowBody, as_original_status, error_response
 from shared.infra import metrics
 from shared.infra.broker import BrokerUnavailable
 from shared.infra.db import DatabaseUnavailable
+from shared.keys.apikeys import ApiKey
+from shared.keys.request_rates import KeyRates, RateLimited
 
 log = structlog.get_logger("gateway")
 
@@ -57,7 +59,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _error_answer(exc: Exception) -> web.Response:
     if isinstance(exc, ApiError):
-        return error_response(exc.status, exc.msg, exc.code, **exc.extra)
+        response = error_response(exc.status, exc.msg, exc.code, **exc.extra)
+        response.headers.update(exc.headers)  # e.g. Retry-After on a 429
+        return response
     if isinstance(exc, SlowBody):
         log.warning("request.slow_body", error=exc.msg)
         response = error_response(408, exc.msg, "REQUEST_TIMEOUT")
@@ -128,8 +132,26 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not allowed(role, principal):
         who = "the admin key" if role is Role.ADMIN else "a client API key"
         raise ApiError(403, f"this route needs {who}", "FORBIDDEN")
+    if isinstance(principal, ApiKey):
+        await _within_rate(request.app[KEY_RATES], principal)
     request[PRINCIPAL] = principal
     return await handler(request)
+
+
+async def _within_rate(rates: KeyRates, key: ApiKey) -> None:
+    """The key's request rate, across every gateway (429 over it); unlimited keys skip it."""
+    if not rates.rate_of(key):
+        return
+    try:
+        await rates.admit(key)
+    except RateLimited as exc:
+        metrics.API_RATE_LIMITED.inc()
+        raise ApiError(
+            429,
+            f"over this key's rate of {rates.rate_of(key)} requests a second",
+            "RATE_LIMITED",
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from exc
 
 
 @web.middleware

@@ -24,6 +24,7 @@ _STATUS_TEXT = {
     413: "Too large",
     415: "Unsupported media type",
     422: "Validation failed",
+    429: "Over the key's request rate (see Retry-After)",
     503: "A dependency is unavailable",
 }
 
@@ -93,6 +94,8 @@ def _operation(endpoint: Endpoint, components: dict[str, Any]) -> dict[str, Any]
         statuses |= {400, 413, 415, 422}
     if endpoint.role is not Role.NONE:
         statuses |= {401, 403}
+    if endpoint.role in (Role.CLIENT, Role.ANY):
+        statuses |= {429}  # client keys have a request rate
     op["responses"] = {"200": ok} | {str(s): _error(s) for s in sorted(statuses | {503})}
     return op
 

@@ -5,11 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal, Self
 
-from pydantic import AnyHttpUrl, Field, field_serializer, model_validator
+from email_validator import EmailNotValidError, validate_email
+from pydantic import AnyHttpUrl, Field, field_serializer, field_validator, model_validator
 
 from schemas.common import Body, Ok
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+MAX_SENDERS = 100
+SENDERS_RULE = (
+    "a list of at most 100 addresses (billing@example.com) and domains (@example.com) "
+    "that email/add may send as; null: any sender"
+)
+RATE_RULE = "requests per second across all gateways; 0: unlimited; null: API_RATE_LIMIT_PER_SEC"
 
 
 def iso_utc(value: datetime | None) -> str | None:
@@ -20,7 +27,50 @@ def iso_utc(value: datetime | None) -> str | None:
     return value.isoformat(timespec="milliseconds") + "Z"
 
 
-class CreateKey(Body):
+def check_return_api(url: AnyHttpUrl) -> AnyHttpUrl:
+    """A callback URL: at most 2048 characters, and no `user:pass@` (every delivery failed with
+    one, and the password was stored in clear)."""
+    if url.username is not None or url.password is not None:
+        raise ValueError("return_api must not contain a user name or password")
+    if len(str(url)) > 2048:
+        raise ValueError("return_api must be at most 2048 characters")
+    return url
+
+
+def sender_entry(value: str) -> str:
+    """An allowed sender as stored and compared: an address (domain lower-cased, IDN as
+    punycode, as email/add normalises sendEmail) or `@domain`."""
+    if not isinstance(value, str) or len(value) > 320:
+        raise ValueError("each sender must be an address or @domain of at most 320 characters")
+    probe = f"postmaster{value}" if value.startswith("@") else value
+    try:
+        checked = validate_email(probe, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"{value[:100]!r} is not an address or @domain: {exc}") from None
+    return f"@{checked.ascii_domain}" if value.startswith("@") else str(checked.ascii_email)
+
+
+def checked_senders(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    if len(values) > MAX_SENDERS:
+        raise ValueError(f"at most {MAX_SENDERS} allowed senders")
+    return sorted({sender_entry(v) for v in values})
+
+
+class _KeyLimits(Body):
+    """What create and update both set."""
+
+    allowed_senders: list[str] | None = Field(default=None, description=SENDERS_RULE)
+    rate_limit_per_sec: int | None = Field(default=None, ge=0, le=1_000_000, description=RATE_RULE)
+
+    @field_validator("allowed_senders")
+    @classmethod
+    def _senders(cls, values: list[str] | None) -> list[str] | None:
+        return checked_senders(values)
+
+
+class CreateKey(_KeyLimits):
     api_name: str = Field(pattern=KEY_NAME_PATTERN, description="Unique name of the key")
     return_api: AnyHttpUrl = Field(description="Where this key's callbacks are POSTed")
     temporary: bool = False
@@ -28,23 +78,72 @@ class CreateKey(Body):
         default=None, max_length=10, description="Lifetime when temporary: 30m, 4h, 4d, 2M, 1y"
     )
 
+    @field_validator("return_api")
+    @classmethod
+    def _return_api(cls, url: AnyHttpUrl) -> AnyHttpUrl:
+        return check_return_api(url)
+
     @model_validator(mode="after")
     def _duration_when_temporary(self) -> Self:
         if self.temporary and not self.duration:
             raise ValueError("duration is required when temporary is true")
-        if len(str(self.return_api)) > 2048:
-            raise ValueError("return_api must be at most 2048 characters")
         return self
 
 
-class CreatedKey(Ok):
+class UpdateKey(_KeyLimits):
+    """Only the fields given change; null clears (no expiry, any sender, the default rate).
+    With none, nothing changes and the answer shows the key's settings (its key_id, say)."""
+
+    api_name: str = Field(max_length=100, description="The key to change")
+    return_api: AnyHttpUrl | None = Field(default=None, description="A new callback URL")
+    expiry: str | None = Field(
+        default=None,
+        max_length=10,
+        description="A new lifetime from now (30m, 4h, 4d, 2M, 1y, as at creation), "
+        "or null: the key never expires",
+    )
+
+    @field_validator("return_api")
+    @classmethod
+    def _return_api(cls, url: AnyHttpUrl | None) -> AnyHttpUrl:
+        if url is None:
+            raise ValueError("return_api cannot be null")
+        return check_return_api(url)
+
+
+class KeyName(Body):
+    api_name: str = Field(max_length=100)
+
+
+class KeyView(Ok):
+    """A key's settings (never its secrets)."""
+
     api_name: str
-    api_key: str = Field(description="Shown once; only a hash is stored")
+    key_id: str = Field(description="Stable public id: `sub` of this key's callback JWTs")
     return_api: str
     expire_date: datetime | None
-    webhook_secret: str = Field(description="Standard Webhooks secret; shown once")
+    allowed_senders: list[str] | None
+    rate_limit_per_sec: int | None
 
     @field_serializer("expire_date")
+    def _iso(self, value: datetime | None) -> str | None:
+        return iso_utc(value)
+
+
+class CreatedKey(KeyView):
+    api_key: str = Field(description="Shown once; only a hash is stored")
+    webhook_secret: str = Field(description="Standard Webhooks secret; shown once")
+
+
+class RotatedSecret(Ok):
+    api_name: str
+    key_id: str
+    webhook_secret: str = Field(description="The new secret; shown once")
+    previous_valid_until: datetime | None = Field(
+        description="Until then callbacks are also signed with the previous secret"
+    )
+
+    @field_serializer("previous_valid_until")
     def _iso(self, value: datetime | None) -> str | None:
         return iso_utc(value)
 

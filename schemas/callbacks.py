@@ -39,7 +39,10 @@ class ReplayDeliveries(Body):
     def _as_naive_utc(cls, value: datetime | None) -> datetime | None:
         # The database holds naive UTC; an offset given by the client is honoured first.
         if value is not None and value.tzinfo is not None:
-            return value.astimezone(UTC).replace(tzinfo=None)
+            try:
+                return value.astimezone(UTC).replace(tzinfo=None)
+            except OverflowError:  # 0001-01-01T00:00+14:00 has no UTC time (nor 9999-12-31…-14)
+                raise ValueError("since has no UTC time (before year 1 or after 9999)") from None
         return value
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from openapi_spec_validator import validate as validate_openapi
 from structlog.testing import capture_logs
 
 from shared.callbacks.signing import callback_token
+from shared.infra.crypto import new_webhook_secret, secret_bytes
 from shared.infra.settings import Settings
 from shared.keys.apikeys import hash_key
 
@@ -150,12 +151,12 @@ async def test_expired_key_is_rejected(client: Client, make_key: Any, settings: 
 
 
 async def test_verify_accepts_own_callback_tokens_only(
-    client: Client, admin: dict[str, str], make_key: Any, settings: Settings
+    client: Client, admin: dict[str, str], make_key: Any
 ) -> None:
     mine, other = await make_key(), await make_key()
-    salt = settings.SALT.get_secret_value()
+    secret = secret_bytes(mine["webhook_secret"])
     token = callback_token(
-        salt=salt, exp_hours=1, key_name=mine["api_name"], event_id="evt_1", body=b"{}"
+        key=secret, exp_hours=1, subject=mine["key_id"], event_id="evt_1", body=b"{}"
     )
     ok = await client.post("/server/api/verify", json={"token": token}, headers=mine["headers"])
     assert ok.status == 200
@@ -168,9 +169,9 @@ async def test_verify_accepts_own_callback_tokens_only(
         await client.post("/server/api/verify", json={"token": token}, headers=admin)
     ).status == 200
     expired = callback_token(
-        salt=salt,
+        key=secret,
         exp_hours=1,
-        key_name=mine["api_name"],
+        subject=mine["key_id"],
         event_id="e",
         body=b"{}",
         now=time.time() - 7200,
@@ -178,14 +179,16 @@ async def test_verify_accepts_own_callback_tokens_only(
     resp = await client.post("/server/api/verify", json={"token": expired}, headers=mine["headers"])
     assert resp.status == 400 and "expired" in (await resp.json())["msg"].lower()
     forged = callback_token(
-        salt="another-salt-entirely-0123456789abcdef",
+        key=secret_bytes(new_webhook_secret()),
         exp_hours=1,
-        key_name=mine["api_name"],
+        subject=mine["key_id"],
         event_id="e",
         body=b"{}",
     )
     resp = await client.post("/server/api/verify", json={"token": forged}, headers=mine["headers"])
     assert resp.status == 400
+    resp = await client.post("/server/api/verify", json={"token": "x.y.z"}, headers=admin)
+    assert resp.status == 400 and (await resp.json())["code"] == "TOKEN_INVALID"
 
 
 async def test_bad_input_gets_json_errors(client: Client, admin: dict[str, str]) -> None:

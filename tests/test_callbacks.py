@@ -38,6 +38,7 @@ from shared.callbacks.outbox import (
 )
 from shared.callbacks.signing import verify_callback_token
 from shared.infra.broker import WORK_QUEUES, Broker, decode
+from shared.infra.crypto import secret_bytes
 from shared.infra.db import Database
 from shared.infra.settings import Settings
 from workers import callbacks as callbacks_worker
@@ -200,10 +201,10 @@ async def test_delivery_is_signed_both_ways_and_verifiable(
     stored = (await event_row(db, event_id))["payload"]
     assert got.body == stored.encode()  # the stored payload, byte for byte
     assert got.json() == PAYLOAD
-    salt = settings.SALT.get_secret_value()
+    secret = secret_bytes(key["webhook_secret"])
     token = got.headers["Authorization"].removeprefix("Bearer ")
-    claims = jwt.decode(token, salt, algorithms=["HS256"], issuer="queue-server")
-    assert claims["sub"] == key["api_name"] and claims["jti"] == event_id
+    claims = jwt.decode(token, secret, algorithms=["HS256"], issuer="queue-server")
+    assert claims["sub"] == key["key_id"] and claims["jti"] == event_id
     assert claims["body_sha256"] == hashlib.sha256(got.body).hexdigest()
     assert Webhook(key["webhook_secret"]).verify(got.body, got.headers) == PAYLOAD
     assert got.headers["webhook-id"] == event_id
@@ -211,7 +212,9 @@ async def test_delivery_is_signed_both_ways_and_verifiable(
     with pytest.raises(WebhookVerificationError):
         Webhook(key["webhook_secret"]).verify(tampered, got.headers)
     with pytest.raises(jwt.InvalidTokenError):
-        verify_callback_token(salt, token, body=tampered)
+        verify_callback_token(secret, token, body=tampered)
+    with pytest.raises(jwt.InvalidSignatureError):  # SALT signs nothing a client sees
+        verify_callback_token(settings.SALT.get_secret_value(), token)
     verify = await client.post("/server/api/verify", json={"token": token}, headers=key["headers"])
     assert verify.status == 200 and (await verify.json())["payload"]["jti"] == event_id
     await status_becomes(db, event_id, "DELIVERED")
@@ -647,3 +650,16 @@ async def test_list_get_and_replay_only_ever_show_the_callers_own_deliveries(
     assert sorted({r.headers["webhook-id"] for r in receiver.at("replay") if r.json()}) == sorted(
         [*failed, waiting]
     )
+
+
+@pytest.mark.parametrize("since", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+async def test_replay_since_at_the_edge_of_the_date_range_is_422_not_500(
+    client: Client, make_key: Any, since: str
+) -> None:
+    """Such a time has no UTC equivalent: converting it raised OverflowError, answered 500."""
+    key = await make_key()
+    resp = await client.post(
+        "/server/callbacks/replay", json={"since": since}, headers=key["headers"]
+    )
+    assert resp.status == 422, await resp.text()
+    assert (await resp.json())["code"] == "VALIDATION"

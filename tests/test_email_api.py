@@ -645,3 +645,12 @@ async def test_records_show_only_own_emails_newest_first(client: Client, make_ke
             "/server/email/fetch-api-records", json=body, headers=mine["headers"]
         )
         assert resp.status == 422
+
+
+async def test_email_ids_are_case_sensitive(client: Client, make_key: Any) -> None:
+    """`emails.email_id` collated case-insensitively: an id in another case found the email."""
+    key = await make_key()
+    email_id = await queue(client, key["headers"], text="Hi")
+    assert [r["email_id"] for r in await records(client, key["headers"], [email_id])] == [email_id]
+    assert email_id.swapcase() != email_id
+    assert await records(client, key["headers"], [email_id.swapcase()]) == []

@@ -79,7 +79,7 @@ async def stack(
         async with open_database(settings) as db, open_broker(settings, setup=True) as broker:
             key = await apikeys.create_key(
                 db,
-                salt=settings.SALT.get_secret_value(),
+                keyring=settings.keyring,
                 api_name="ses-tests",
                 return_api="http://127.0.0.1:9/unused",
                 expire_date=None,

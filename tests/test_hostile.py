@@ -638,20 +638,53 @@ async def test_deeply_nested_json_is_400_not_a_recursion_error(
             for body in (_nested_array(depth), _nested_object(depth)):
                 resp = await client.post(path, data=body, headers=headers)
                 await assert_error(resp, 400, "TOO_DEEP")
-        task = f'{{"expiryDate": "{FAR_FUTURE}", "data": {_nested_object(depth)}}}'
-        resp = await client.post("/server/queue/add", data=task, headers=client_headers)
-        await assert_error(resp, 400, "TOO_DEEP")
-        form, ctype = multipart({**EMAIL_FIELDS, "data": _nested_object(depth)})
-        resp = await client.post(
-            "/server/email/add", data=form, headers={**key["headers"], "Content-Type": ctype}
-        )
-        await assert_error(resp, 400, "TOO_DEEP")
-    # Around the interpreter's recursion limit the answer depends on the stack: accepted or
-    # refused, but never a 5xx.
+        await assert_data_too_deep(client, key, depth)
+    # Around the interpreter's recursion limit too (refused by the parser or by the 64-level
+    # limit, depending on the stack).
     for depth in range(900, 1001, 20):
-        task = f'{{"expiryDate": "{FAR_FUTURE}", "data": {_nested_object(depth)}}}'
-        resp = await client.post("/server/queue/add", data=task, headers=client_headers)
-        assert resp.status in (200, 400), (depth, resp.status, await resp.text())
+        await assert_data_too_deep(client, key, depth)
+
+
+async def assert_data_too_deep(client: Client, key: dict[str, Any], depth: int) -> None:
+    """Task and email `data` nested `depth` levels: 400 TOO_DEEP at queue/add and email/add."""
+    task = f'{{"expiryDate": "{FAR_FUTURE}", "data": {_nested_object(depth)}}}'
+    resp = await client.post(
+        "/server/queue/add", data=task, headers={**key["headers"], **JSON_HEADERS}
+    )
+    await assert_error(resp, 400, "TOO_DEEP")
+    form, ctype = multipart({**EMAIL_FIELDS, "data": _nested_object(depth)})
+    resp = await client.post(
+        "/server/email/add", data=form, headers={**key["headers"], "Content-Type": ctype}
+    )
+    await assert_error(resp, 400, "TOO_DEEP")
+
+
+async def test_data_deeper_than_64_levels_is_refused_and_shallower_data_reads_back(
+    client: Client, make_key: KeyFactory, settings: Settings
+) -> None:
+    """Data nested a few hundred levels was accepted, then queue/get and callbacks/get answered
+    500 on every call (pydantic will not serialise it). 64 levels is the limit now."""
+    key = await make_key()
+    headers = {**key["headers"], **JSON_HEADERS}
+    for depth in (65, 300):
+        await assert_data_too_deep(client, key, depth)
+    data = json.loads(_nested_object(64))
+    added = await ok_json(
+        await client.post(
+            "/server/queue/add", json={"expiryDate": FAR_FUTURE, "data": data}, headers=headers
+        )
+    )
+    got = await ok_json(
+        await client.post("/server/queue/get", json={"queue_id": added["taskId"]}, headers=headers)
+    )
+    assert got["data"] == data
+    [event] = db_rows(
+        settings, "SELECT event_id FROM callback_events WHERE subject_id = %s", (added["taskId"],)
+    )
+    delivery = await ok_json(
+        await client.post("/server/callbacks/get", json=event, headers=headers)
+    )
+    assert delivery["delivery"]["payload"]["data"] == data
 
 
 async def test_invalid_text_is_400(
@@ -953,6 +986,19 @@ async def test_malformed_requests_are_counted_not_logged_with_tracebacks(
         resp = await raw_http(port, request, expect_close=True)
         assert resp.status == 400, (header, resp)
     assert await malformed() == before + 3
+
+
+async def test_server_header_names_no_versions(slow_gateway: ServiceProcess) -> None:
+    """aiohttp's default (`Python/3.11.2 aiohttp/3.10.5`) told a scanner what to try; also on
+    the 400s aiohttp answers by itself, before any handler or signal runs."""
+    port = _port(slow_gateway)
+    answered = await raw_http(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    malformed = await raw_http(
+        port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n", expect_close=True
+    )
+    assert (answered.status, malformed.status) == (200, 400)
+    for resp in (answered, malformed):
+        assert resp.headers["server"] == "queue-server", resp.headers
 
 
 async def test_a_body_sent_in_time_is_accepted(

@@ -6,6 +6,7 @@ certificate fetcher is exercised against an in-process HTTPS server.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import ssl
@@ -482,9 +483,12 @@ class _CertServer:
     def __init__(self, pem: bytes) -> None:
         self.pem = pem
         self.hits: list[str] = []
+        self.gate: asyncio.Event | None = None  # when set by a test, answers wait for it
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits.append(request.path)
+        if self.gate is not None:
+            await self.gate.wait()
         name = request.match_info["name"]
         if name == "redirect.pem":
             raise web.HTTPFound("/good.pem")
@@ -565,13 +569,38 @@ async def test_http_fetcher_refuses_bad_responses(
     cert_server: tuple[_CertServer, aiohttp.ClientSession], name: str, reason: str, transient: bool
 ) -> None:
     server, session = cert_server
-    fetcher = HttpCertFetcher(session)
-    for _ in range(2):  # failures are not cached
+    now = [0.0]
+    fetcher = HttpCertFetcher(session, failure_ttl=10, clock=lambda: now[0])
+    for moment in (0.0, 9.9, 10.0):  # a failure is remembered for failure_ttl seconds
+        now[0] = moment
         with pytest.raises(SnsVerificationError) as info:
             await fetcher(_url(name))
         assert info.value.reason == reason
         assert isinstance(info.value, SnsCertFetchError) is transient
     assert server.hits == [f"/{name}"] * 2  # the redirect was not followed
+
+
+async def test_http_fetcher_shares_one_download_and_bounds_concurrent_ones(
+    cert_server: tuple[_CertServer, aiohttp.ClientSession],
+) -> None:
+    """A flood of forged messages costs at most `max_fetches` downloads at a time, and messages
+    naming the same certificate share one."""
+    server, session = cert_server
+    server.gate = asyncio.Event()
+    fetcher = HttpCertFetcher(session, max_fetches=2)
+    same = [asyncio.create_task(fetcher(_url("a-good.pem"))) for _ in range(20)]
+    other = asyncio.create_task(fetcher(_url("b-missing.pem")))
+    await asyncio.sleep(0)  # each task has asked for its certificate: two downloads started
+    for name in ("c-good.pem", "d-missing.pem"):
+        with pytest.raises(SnsCertFetchError, match="too many certificate fetches"):
+            await fetcher(_url(name))
+    same[0].cancel()  # a caller going away does not cancel the download the others share
+    server.gate.set()
+    assert set(await asyncio.gather(*same[1:])) == {server.pem}
+    with pytest.raises(SnsVerificationError, match="HTTP 404"):
+        await other
+    assert sorted(server.hits) == ["/a-good.pem", "/b-missing.pem"]
+    assert await fetcher(_url("c-good.pem")) == server.pem  # room again
 
 
 async def test_http_fetcher_network_failure_is_transient(tmp_path: Path) -> None:

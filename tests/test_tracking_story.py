@@ -237,7 +237,7 @@ async def test_pixel_marks_the_first_open_and_refuses_forged_ids(story: Story) -
     assert "no-store" in forged.headers["Cache-Control"]
     await asyncio.sleep(0.3)
     assert (await row_when(story, email_id, lambda r: True))["opened"] == 0
-    token = pixel_token(story.settings.SALT.get_secret_value(), email_id)
+    token = pixel_token(story.settings.keyring, email_id)
     for _ in range(3):
         resp = await story.http.get("/identifier", params={"id": token})
         assert resp.status == 200 and await resp.read() == GIF
@@ -268,7 +268,7 @@ async def test_sent_html_email_carries_the_signed_pixel(story: Story) -> None:
     resp = await story.http.post("/server/email/add", data=multipart(fields), headers=story.key)
     email_id = (await resp.json())["queue_id"]
     await row_when(story, email_id, lambda r: r["status"] == "SENT")
-    token = pixel_token(story.settings.SALT.get_secret_value(), email_id)
+    token = pixel_token(story.settings.keyring, email_id)
     raw = [m["raw_data"] for m in await story.ses.sent_messages() if email_id in m["raw_data"]]
     assert raw, "the email did not reach the emulator"
     message = email.message_from_string(raw[0], policy=email.policy.default)

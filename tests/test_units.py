@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import random
 import re
@@ -15,7 +16,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
-from cryptography.exceptions import InvalidTag
 
 from gateway.app_keys import SETTINGS
 from gateway.auth import bearer_token
@@ -100,14 +100,44 @@ def test_secrets_are_redacted_from_log_events() -> None:
     assert out["n"] == 1
 
 
-def test_webhook_secret_encryption_round_trips_and_is_bound_to_salt() -> None:
-    salt = "s" * 10 + "alt-for-tests-0123456789abcdef"
+SALT_A = "s" * 10 + "alt-for-tests-0123456789abcdef"
+SALT_B = "another-salt-0123456789abcdef-xyz"
+
+
+def test_webhook_secret_sealing_round_trips_and_is_bound_to_salt_and_owner() -> None:
+    keyring = crypto.Keyring.of(SALT_A)
     secret = crypto.new_webhook_secret()
-    stored = crypto.encrypt(salt, secret)
-    assert secret not in stored
-    assert crypto.decrypt(salt, stored) == secret
-    with pytest.raises(InvalidTag):
-        crypto.decrypt("another-salt-0123456789abcdef-xyz", stored)
+    sealed = keyring.seal(secret, bound_to="key_a")
+    assert secret not in sealed.ciphertext and sealed.kid == keyring.current.kid
+    assert keyring.open(sealed, bound_to="key_a") == secret
+    with pytest.raises(crypto.UnreadableSecret):  # moved to another key's row
+        keyring.open(sealed, bound_to="key_b")
+    with pytest.raises(crypto.UnreadableSecret):
+        crypto.Keyring.of(SALT_B).open(sealed, bound_to="key_a")
+    rotated = crypto.Keyring.of(SALT_B, previous=SALT_A)  # SALT rotated, old one in SALT_PREVIOUS
+    assert rotated.open(sealed, bound_to="key_a") == secret
+
+
+def test_every_purpose_has_its_own_key_and_salt_itself_is_none_of_them() -> None:
+    keys = crypto.SaltKeys.of(SALT_A)
+    derived = {keys.pixel, crypto.derive(SALT_A, crypto.SECRET_ENCRYPTION), keys.legacy_pixel}
+    assert len(derived) == 3 and SALT_A.encode() not in derived
+    assert crypto.SaltKeys.of(SALT_B).kid != keys.kid
+
+
+def test_secrets_sealed_before_per_purpose_keys_still_open() -> None:
+    """The scheme before migration 0012: HKDF(SALT, "webhook-secret"), no kid, no owner."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    secret = crypto.new_webhook_secret()
+    nonce = b"\x01" * 12
+    old_key = crypto.derive(SALT_A, b"webhook-secret")
+    blob = nonce + AESGCM(old_key).encrypt(nonce, secret.encode(), b"webhook-secret")
+    legacy = crypto.Sealed(base64.b64encode(blob).decode(), "")
+    assert crypto.Keyring.of(SALT_A).open(legacy, bound_to="key_x") == secret
+    assert crypto.Keyring.of(SALT_B, previous=SALT_A).open(legacy, bound_to="key_x") == secret
+    with pytest.raises(crypto.UnreadableSecret):
+        crypto.Keyring.of(SALT_B).open(legacy, bound_to="key_x")
 
 
 def test_every_setting_is_documented_in_env_template() -> None:
@@ -135,14 +165,31 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
 
 
 def test_pixel_tokens_verify_and_refuse_anything_else() -> None:
-    from shared.email.tracking.pixel import email_id_from_token, pixel_token
+    from shared.email.tracking.pixel import PixelId, email_id_from_token, pixel_token
 
-    salt = "pixel-salt-0123456789abcdef-0123456789"
-    token = pixel_token(salt, "abc-123")
-    assert email_id_from_token(salt, token) == "abc-123"
-    assert email_id_from_token("another-salt-0123456789abcdef-012345", token) is None
+    keyring = crypto.Keyring.of(SALT_A)
+    token = pixel_token(keyring, "abc-123")
+    assert email_id_from_token(keyring, token) == PixelId("abc-123", legacy=False)
+    assert email_id_from_token(crypto.Keyring.of(SALT_B), token) is None
+    assert email_id_from_token(crypto.Keyring.of(SALT_B, previous=SALT_A), token) == PixelId(
+        "abc-123", legacy=False
+    )
     for forged in ("abc-123", "abc-123.", "é.é", "abc-123.ü" + token[-5:], "x" * 300, ""):
-        assert email_id_from_token(salt, forged) is None
+        assert email_id_from_token(keyring, forged) is None
+
+
+def test_pixel_tags_of_before_the_upgrade_are_recognised_as_legacy() -> None:
+    """The old tag: HMAC keyed by SHA-256("open-pixel:" + SALT), which SALT holders could make."""
+    import hashlib
+    import hmac
+
+    from shared.email.tracking.pixel import PixelId, email_id_from_token
+
+    old_key = hashlib.sha256(b"open-pixel:" + SALT_A.encode()).digest()
+    tag = hmac.new(old_key, b"abc-123", hashlib.sha256).digest()[:16]
+    token = "abc-123." + base64.urlsafe_b64encode(tag).decode().rstrip("=")
+    keyring = crypto.Keyring.of(SALT_A)
+    assert email_id_from_token(keyring, token) == PixelId("abc-123", legacy=True)
 
 
 @pytest.mark.parametrize("clock", [time.time, time.monotonic])
@@ -416,3 +463,17 @@ async def test_original_error_status_keeps_bodies_and_headers_on_the_api_only() 
         assert (await http.post("/server/who")).status == 401
         assert (await http.post("/server/no-such-route")).status == 200
         assert (await http.post("/email-status")).status == 503  # SNS retries on a 5xx only
+
+
+def test_key_settings_from_the_environment() -> None:
+    from pydantic import ValidationError
+
+    base = {"ADMIN_API_KEY": "admin-key-0123456789abcdef", "SALT": SALT_A}
+    parsed = Settings(_env_file=None, API_RATE_LIMIT_PER_SEC="", SALT_PREVIOUS="", **base)  # type: ignore[call-arg]
+    assert parsed.API_RATE_LIMIT_PER_SEC == 0 and parsed.keyring.previous is None
+    assert parsed.CALLBACK_JWT_KEY == "secret" and parsed.WEBHOOK_SECRET_OVERLAP_HOURS == 24
+    rotating = Settings(_env_file=None, SALT_PREVIOUS=SALT_B, **base)  # type: ignore[call-arg]
+    assert rotating.keyring.previous is not None
+    for bad in ({"SALT_PREVIOUS": SALT_A}, {"SALT_PREVIOUS": "short"}, {"CALLBACK_JWT_KEY": "x"}):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, **base, **bad)  # type: ignore[call-arg, arg-type]

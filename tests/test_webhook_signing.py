@@ -4,6 +4,7 @@ use), the outbound network policy, the retry decision and Retry-After parsing.""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import socket
@@ -27,19 +28,28 @@ from shared.callbacks.webhooks import (
     standard_signature,
 )
 from shared.infra.batching import Batcher
-from shared.infra.crypto import new_webhook_secret
+from shared.infra.crypto import UnreadableSecret, new_webhook_secret, secret_bytes
 from shared.infra.settings import Settings
+from workers.callbacks import CallbackWorker
 
 SALT = "a-test-salt-that-is-long-enough-0123456789"
 BODY = json.dumps({"queue_id": "q1", "event": "ADD", "data": {"a": 1}}, separators=(",", ":"))
+KEY_ID = "key_0123456789abcdef01234567"
 
 
-def signed(now: float | None = None, secret: str | None = None) -> tuple[dict[str, str], str]:
-    secret = secret or new_webhook_secret()
-    headers = Signer(SALT, 3).headers(
-        body=BODY.encode(), event_id="evt_1", key_name="billing", webhook_secret=secret, now=now
+def signed(
+    now: float | None = None, secrets: list[str] | None = None, signer: Signer | None = None
+) -> tuple[dict[str, str], list[str]]:
+    secrets = secrets or [new_webhook_secret()]
+    headers = (signer or Signer(3)).headers(
+        body=BODY.encode(),
+        event_id="evt_1",
+        key_id=KEY_ID,
+        key_name="billing",
+        secrets=[secret_bytes(s) for s in secrets],
+        now=now,
     )
-    return headers, secret
+    return headers, secrets
 
 
 def bearer(headers: dict[str, str]) -> str:
@@ -48,59 +58,84 @@ def bearer(headers: dict[str, str]) -> str:
     return token
 
 
-def test_jwt_verifies_with_pyjwt_and_is_bound_to_event_and_body() -> None:
-    headers, _ = signed()
-    claims = jwt.decode(bearer(headers), SALT, algorithms=["HS256"], issuer="queue-server")
-    assert claims["sub"] == "billing" and claims["jti"] == "evt_1"
+def test_jwt_is_signed_with_the_keys_own_secret_and_bound_to_event_and_body() -> None:
+    """What a client does with pyjwt: the key is the secret's bytes (base64 after `whsec_`)."""
+    headers, [secret] = signed()
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    claims = jwt.decode(bearer(headers), key, algorithms=["HS256"], issuer="queue-server")
+    assert claims["sub"] == KEY_ID and claims["jti"] == "evt_1"
     assert claims["exp"] - claims["iat"] == 3 * 3600
     assert claims["body_sha256"] == hashlib.sha256(BODY.encode()).hexdigest()
-    assert verify_callback_token(SALT, bearer(headers), body=BODY.encode())["jti"] == "evt_1"
+    assert verify_callback_token(key, bearer(headers), body=BODY.encode())["jti"] == "evt_1"
     with pytest.raises(jwt.InvalidTokenError, match="another body"):
-        verify_callback_token(SALT, bearer(headers), body=BODY.replace("ADD", "REMOVE").encode())
-    with pytest.raises(jwt.InvalidSignatureError):
-        jwt.decode(bearer(headers), SALT + "x", algorithms=["HS256"])
+        verify_callback_token(key, bearer(headers), body=BODY.replace("ADD", "REMOVE").encode())
+    for other in (SALT, secret_bytes(new_webhook_secret())):
+        with pytest.raises(jwt.InvalidSignatureError):
+            jwt.decode(bearer(headers), other, algorithms=["HS256"])
+
+
+def test_salt_mode_signs_the_original_way() -> None:
+    """CALLBACK_JWT_KEY=salt: SALT and `sub` = the key's name, for clients still on SALT."""
+    headers, [secret] = signed(signer=Signer(3, salt=SALT))
+    claims = jwt.decode(bearer(headers), SALT, algorithms=["HS256"], issuer="queue-server")
+    assert claims["sub"] == "billing"
+    assert Webhook(secret).verify(BODY.encode(), headers) == json.loads(BODY)
 
 
 def test_jwt_is_the_token_pyjwt_encode_makes() -> None:
     """The signer skips PyJWT's per-token key checks: the token itself must not change."""
+    key = secret_bytes(new_webhook_secret())
     token = callback_token(
-        salt=SALT, exp_hours=3, key_name="billing", event_id="evt_1", body=b"{}", now=1000
+        key=key, exp_hours=3, subject=KEY_ID, event_id="evt_1", body=b"{}", now=1000
     )
     claims = {
         "iss": "queue-server",
-        "sub": "billing",
+        "sub": KEY_ID,
         "iat": 1000,
         "exp": 1000 + 3 * 3600,
         "jti": "evt_1",
         "body_sha256": hashlib.sha256(b"{}").hexdigest(),
     }
-    assert token == jwt.encode(claims, SALT, algorithm="HS256")
+    assert token == jwt.encode(claims, key, algorithm="HS256")
 
 
 def test_jwt_still_refuses_an_asymmetric_key_every_time() -> None:
     pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYI\n-----END PUBLIC KEY-----"
     for _ in range(2):  # a refusal is not remembered as a prepared key
         with pytest.raises(jwt.InvalidKeyError):
-            callback_token(salt=pem, exp_hours=1, key_name="k", event_id="e", body=b"{}")
+            callback_token(key=pem, exp_hours=1, subject="k", event_id="e", body=b"{}")
 
 
 def test_expired_jwt_fails() -> None:
-    headers, _ = signed(now=time.time() - 4 * 3600)
+    headers, [secret] = signed(now=time.time() - 4 * 3600)
     with pytest.raises(jwt.ExpiredSignatureError):
-        jwt.decode(bearer(headers), SALT, algorithms=["HS256"])
+        jwt.decode(bearer(headers), secret_bytes(secret), algorithms=["HS256"])
 
 
 def test_standard_webhooks_signature_verifies_with_the_reference_library() -> None:
-    headers, secret = signed()
+    headers, [secret] = signed()
     assert headers["webhook-id"] == "evt_1"
     assert Webhook(secret).verify(BODY.encode(), headers) == json.loads(BODY)
     with pytest.raises(WebhookVerificationError):
         Webhook(secret).verify(BODY.replace("1", "2").encode(), headers)
     with pytest.raises(WebhookVerificationError):
         Webhook(new_webhook_secret()).verify(BODY.encode(), headers)
-    stale, secret = signed(now=time.time() - 600)
+    stale, [secret] = signed(now=time.time() - 600)
     with pytest.raises(WebhookVerificationError, match="too old"):
         Webhook(secret).verify(BODY.encode(), stale)
+
+
+def test_during_an_overlap_both_secrets_verify_and_the_jwt_uses_the_newest() -> None:
+    new, old = new_webhook_secret(), new_webhook_secret()
+    headers, _ = signed(secrets=[new, old])
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for secret in (new, old):
+        assert Webhook(secret).verify(BODY.encode(), headers) == json.loads(BODY)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new_webhook_secret()).verify(BODY.encode(), headers)
+    jwt.decode(bearer(headers), secret_bytes(new), algorithms=["HS256"])
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(bearer(headers), secret_bytes(old), algorithms=["HS256"])
 
 
 def test_signature_matches_the_libraries_own_signing() -> None:
@@ -110,11 +145,9 @@ def test_signature_matches_the_libraries_own_signing() -> None:
     assert standard_signature(secret, "evt_9", int(when.timestamp()), BODY.encode()) == expected
 
 
-def test_no_secret_means_jwt_only() -> None:
-    headers = Signer(SALT, 1).headers(
-        body=b"{}", event_id="evt_2", key_name="k", webhook_secret=None
-    )
-    assert "webhook-signature" not in headers and headers["webhook-id"] == "evt_2"
+def test_no_secret_means_no_signing() -> None:
+    with pytest.raises(UnreadableSecret):
+        Signer(1).headers(body=b"{}", event_id="evt_2", key_id=KEY_ID, key_name="k", secrets=[])
 
 
 @pytest.mark.parametrize(
@@ -125,6 +158,9 @@ def test_no_secret_means_jwt_only() -> None:
         "::ffff:169.254.169.254",
         "fe80::1%eth0",
         "fd00:ec2::254",
+        "100.100.100.200",
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b:1::a9fe:a9fe",
         "0.0.0.0",
         "::",
         "224.0.0.1",
@@ -139,6 +175,34 @@ def test_link_local_and_metadata_are_always_refused(address: str) -> None:
 @pytest.mark.parametrize("address", ["127.0.0.1", "::1", "10.1.2.3", "192.168.0.5", "8.8.8.8"])
 def test_private_and_loopback_are_allowed_by_default(address: str) -> None:
     NetworkPolicy().check(address)
+
+
+def test_loopback_is_refused_in_production_unless_listed() -> None:
+    production = NetworkPolicy(loopback=False)
+    for address in ("127.0.0.1", "127.8.9.1", "::1", "::ffff:127.0.0.1"):
+        assert "loopback" in (production.refusal(address) or ""), address
+    assert production.refusal("10.1.2.3") is None  # private networks stay allowed
+    listed = NetworkPolicy(allow=(ip_network("127.0.0.1/32"),), loopback=False)
+    assert listed.refusal("127.0.0.1") is None
+    assert "loopback" in (listed.refusal("127.0.0.2") or "")
+    anywhere = NetworkPolicy(allow=(ip_network("0.0.0.0/0"), ip_network("::/0")), loopback=False)
+    assert "loopback" in (anywhere.refusal("127.0.0.1") or "")  # a broad entry does not list it
+
+
+def test_metadata_and_link_local_open_only_when_listed_inside_their_range() -> None:
+    listed = NetworkPolicy(allow=(ip_network("169.254.10.0/24"), ip_network("64:ff9b::/96")))
+    assert listed.refusal("169.254.10.7") is None
+    assert "link-local" in (listed.refusal("169.254.169.254") or "")
+    assert listed.refusal("64:ff9b::a00:1") is None  # a DNS64 network chose to allow NAT64
+    assert "CALLBACK_ALLOW_NETWORKS" in (listed.refusal("10.0.0.1") or "")
+
+
+def test_the_callbacks_worker_refuses_loopback_in_production() -> None:
+    base = {"ADMIN_API_KEY": "admin-key-0123456789abcdef", "SALT": SALT}
+    for node_env, refused in (("production", True), ("", True), ("dev", False)):
+        settings = Settings(_env_file=None, NODE_ENV=node_env, **base)  # type: ignore[call-arg]
+        policy = CallbackWorker.network_policy(settings)
+        assert (policy.refusal("127.0.0.1") is not None) is refused, node_env
 
 
 def test_deny_and_allow_lists() -> None:

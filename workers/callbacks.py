@@ -18,7 +18,6 @@ from datetime import datetime
 
 import aiohttp
 import structlog
-from cryptography.exceptions import InvalidTag
 
 from schemas.messages import Command, DeliverCallback, DeliverCallbacks
 from shared.callbacks import webhooks
@@ -38,10 +37,13 @@ from shared.callbacks.delivery import (
     requeue_overdue,
 )
 from shared.callbacks.outbox import publish_events
-from shared.infra import crypto, metrics
+from shared.infra import metrics
 from shared.infra.batching import Batcher
 from shared.infra.broker import BrokerUnavailable, cascade_for
+from shared.infra.crypto import UnreadableSecret
 from shared.infra.db import utcnow
+from shared.infra.settings import Settings
+from shared.keys.webhook_secrets import OpenedSecrets
 from workers.consumer import QueueConsumer, Reject, Retry, backoff_ms
 from workers.runtime import Context
 
@@ -106,10 +108,10 @@ class CallbackWorker:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
         settings = ctx.settings
-        self._policy = webhooks.NetworkPolicy(
-            allow=settings.CALLBACK_ALLOW_NETWORKS, deny=settings.CALLBACK_DENY_NETWORKS
-        )
-        self._signer = webhooks.Signer(settings.SALT.get_secret_value(), settings.JWT_EXP_HRS)
+        self._policy = self.network_policy(settings)
+        salt = settings.SALT.get_secret_value() if settings.CALLBACK_JWT_KEY == "salt" else None
+        self._signer = webhooks.Signer(settings.JWT_EXP_HRS, salt=salt)
+        self._secrets = OpenedSecrets(settings.keyring)
         self._lease = settings.CALLBACK_TIMEOUT_SECONDS + LEASE_MARGIN_SECONDS
         # A timer longer than one pass of the delay cascade would arrive early and find the
         # event not yet due; waits are capped to one pass instead (8.5 years by default).
@@ -133,6 +135,15 @@ class CallbackWorker:
             destination=DeliverCallback.DESTINATION,
             handle=self.handle,
             prefetch=settings.CALLBACK_CONCURRENCY,
+        )
+
+    @staticmethod
+    def network_policy(settings: Settings) -> webhooks.NetworkPolicy:
+        """Where callbacks may go: loopback only outside production (README "Callbacks")."""
+        return webhooks.NetworkPolicy(
+            allow=settings.CALLBACK_ALLOW_NETWORKS,
+            deny=settings.CALLBACK_DENY_NETWORKS,
+            loopback=not settings.is_production,
         )
 
     async def start(self) -> None:
@@ -240,9 +251,9 @@ class CallbackWorker:
         started_at = utcnow()
         try:
             headers = self._headers(delivery)
-        except InvalidTag:
+        except UnreadableSecret:
             log.error("callback.secret_unreadable", api_key_id=delivery.api_key_id)
-            error = "webhook secret unreadable (SALT changed?); not delivered"
+            error = "webhook secret unreadable (SALT changed without SALT_PREVIOUS?); not delivered"
             result = webhooks.AttemptResult(status_code=None, latency_ms=0, error=error)
             return result, started_at, Outcome(FAILED, delivery.schedule_step)
         result = await webhooks.post(
@@ -255,14 +266,14 @@ class CallbackWorker:
         return result, started_at, None
 
     def _headers(self, delivery: Delivery) -> dict[str, str]:
-        secret = None
-        if delivery.webhook_secret_enc:
-            secret = crypto.decrypt(self._signer.salt, delivery.webhook_secret_enc)
+        if delivery.secrets is None:  # the key is gone (such events are not claimed)
+            raise UnreadableSecret("the key was deleted")
         return self._signer.headers(
             body=delivery.payload.encode(),
             event_id=delivery.event_id,
+            key_id=delivery.secrets.public_id,
             key_name=delivery.key_name or "",
-            webhook_secret=secret,
+            secrets=self._secrets.get(delivery.secrets),
         )
 
     async def _record(

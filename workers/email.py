@@ -412,7 +412,7 @@ class EmailWorker:
     def _pixel_url(self, email_id: str) -> str | None:
         """The signed open-tracking pixel, when APP_URL says where this service is reachable."""
         s = self._ctx.settings
-        return pixel_url(s.APP_URL, s.SALT.get_secret_value(), email_id) if s.APP_URL else None
+        return pixel_url(s.APP_URL, s.keyring, email_id) if s.APP_URL else None
 
     # --- the send rate -----------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from shared.email.mime import Attachment
 from shared.email.model import MAX_FILES, EmailError
 from shared.email.queueing import queue_email
 from shared.email.records import fetch_page, fetch_records, record
-from shared.email.validation import new_email
+from shared.email.validation import check_sender, new_email
 
 table = EndpointTable()
 TAG = "Email"
@@ -222,7 +222,7 @@ def _text(name: str, data: bytes) -> str:
     summary="Queue an email (multipart, or urlencoded without attachments; optional "
     "Idempotency-Key header: a retry with the same key and body returns the same queue_id)",
     tag=TAG,
-    errors=(400, 409, 413, 415, 422),
+    errors=(400, 403, 409, 413, 415, 422),
 )
 async def add_email(request: web.Request, _: None) -> Queued:
     """200 means the email is stored and will be sent, even if the broker was down (the
@@ -240,6 +240,7 @@ async def add_email(request: web.Request, _: None) -> Queued:
     files = [Attachment(p.filename, p.content_type, p.data) for p in parts]
     try:
         email = new_email(fields, files)
+        check_sender(email, key)
         queued = await queue_email(
             request.app[DB],
             request.app[BROKER],

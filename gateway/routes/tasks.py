@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from gateway.app_keys import BROKER, DB, SETTINGS
@@ -12,6 +14,7 @@ from schemas.tasks import AddedTask, AddTask, RemovedTask, TaskRef, TaskState
 from shared.tasks import add, read, remove
 from shared.tasks.model import (
     BadIdempotencyKey,
+    DataTooDeep,
     DataTooLarge,
     ExpiryOutOfRange,
     IdempotencyConflict,
@@ -28,6 +31,7 @@ TAG = "Task queue"
 _ERRORS: dict[type[TaskError], tuple[int, str]] = {
     ExpiryOutOfRange: (400, "EXPIRY_OUT_OF_RANGE"),
     BadIdempotencyKey: (400, "BAD_IDEMPOTENCY_KEY"),
+    DataTooDeep: (400, "TOO_DEEP"),
     IdempotencyConflict: (409, "IDEMPOTENCY_CONFLICT"),
     DataTooLarge: (413, "DATA_TOO_LARGE"),
     InvalidData: (422, "VALIDATION"),
@@ -41,7 +45,7 @@ _ERRORS: dict[type[TaskError], tuple[int, str]] = {
 REMOVE_REFUSED = "QUE001_90012"
 
 
-def _api_error(exc: TaskError, **extra: object) -> ApiError:
+def _api_error(exc: TaskError, **extra: Any) -> ApiError:
     status, code = _ERRORS[type(exc)]
     return ApiError(status, str(exc), code, **extra)
 

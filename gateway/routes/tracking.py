@@ -115,12 +115,15 @@ _OPEN_RECORD_TIMEOUT_S = 1.0
     tag="Tracking",
 )
 async def pixel(request: web.Request, _: None) -> web.Response:
-    token = request.query.get("id", "")
-    email_id = email_id_from_token(request.app[SETTINGS].SALT.get_secret_value(), token)
-    if email_id is not None:
+    settings = request.app[SETTINGS]
+    found = email_id_from_token(settings.keyring, request.query.get("id", ""))
+    if found is not None:
+        email_id = found.email_id
+        legacy_days = settings.PIXEL_LEGACY_TAG_DAYS if found.legacy else None
         try:
             event_ids = await asyncio.wait_for(
-                record_pixel_open(request.app[DB], email_id), _OPEN_RECORD_TIMEOUT_S
+                record_pixel_open(request.app[DB], email_id, legacy_days=legacy_days),
+                _OPEN_RECORD_TIMEOUT_S,
             )
             await publish_events(request.app[BROKER], event_ids)
         except Exception as exc:  # the image is served regardless; the open is only counted

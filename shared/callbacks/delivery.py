@@ -25,7 +25,8 @@ from typing import Any
 
 import aiomysql
 
-from shared.infra.db import Database, rerun_if_rolled_back
+from shared.infra.db import Database, Row, rerun_if_rolled_back
+from shared.keys.webhook_secrets import SECRET_COLUMNS, StoredSecrets
 
 PENDING = "PENDING"
 SENDING = "SENDING"
@@ -54,7 +55,7 @@ class Delivery:
     lease_token: str | None
     key_name: str | None  # None once the key is deleted
     return_api: str | None
-    webhook_secret_enc: str | None
+    secrets: StoredSecrets | None  # the key's sealed webhook secrets (None once deleted)
 
 
 @dataclass(frozen=True)
@@ -118,15 +119,18 @@ async def _read(db: Database, event_ids: Sequence[str]) -> dict[str, Delivery]:
         "SELECT e.event_id, e.api_key_id, e.event_type, e.payload, e.status, e.attempts,"  # noqa: S608 - placeholders
         " e.schedule_step, e.lease_token,"
         " TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(3), e.next_attempt_at) DIV 1000 AS due_in_ms,"
-        " k.api_name AS key_name, k.return_api, k.webhook_secret_enc"
+        f" k.api_name AS key_name, k.return_api, {SECRET_COLUMNS}"
         " FROM callback_events e"
         " LEFT JOIN api_keys k ON k.id = e.api_key_id AND k.deleted_at IS NULL"
         f" WHERE e.event_id IN ({marks})",
         event_ids,
     )
-    return {
-        row["event_id"]: Delivery(**{**row, "due_in_ms": int(row["due_in_ms"])}) for row in rows
-    }
+    return {row["event_id"]: _delivery(row) for row in rows}
+
+
+def _delivery(row: Row) -> Delivery:
+    stored = StoredSecrets.take_from(row)
+    return Delivery(**{**row, "due_in_ms": int(row["due_in_ms"]), "secrets": stored})
 
 
 async def _give_up(db: Database, event_ids: Sequence[str], token: str, error: str) -> None:

@@ -2,10 +2,11 @@
 
 Two signatures travel on every delivery, so receivers can use whichever their stack knows:
 
-* the original's ``Authorization: Bearer <JWT>`` (HS256 with SALT), now bound to the event id and
-  the exact body (:func:`shared.callbacks.signing.callback_token`);
+* the original's ``Authorization: Bearer <JWT>`` (HS256), signed with the key's own secret and
+  bound to the event id and the exact body (:func:`shared.callbacks.signing.callback_token`);
 * Standard Webhooks (``webhook-id``, ``webhook-timestamp``, ``webhook-signature: v1,<base64>``,
-  an HMAC-SHA256 of ``id.timestamp.body`` with the key's ``whsec_`` secret).
+  an HMAC-SHA256 of ``id.timestamp.body`` with the key's ``whsec_`` secret; during a rotation's
+  overlap one signature per secret, space-separated, as the specification allows).
 
 The HTTP client refuses destinations by network (SSRF guard) at the moment it creates the socket,
 on the address actually being connected to, so DNS tricks (a name that resolves to the cloud
@@ -21,7 +22,7 @@ import hashlib
 import hmac
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -31,25 +32,30 @@ import aiohttp
 from aiohappyeyeballs import AddrInfoType
 
 from shared.callbacks.signing import callback_token
+from shared.infra.crypto import UnreadableSecret, secret_bytes
 
 Network = IPv4Network | IPv6Network
 
-SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
 USER_AGENT = "queue-server-callbacks/1"
 # How much of a receiver's answer is kept in the attempt log.
 RESPONSE_SNIPPET_BYTES = 1024
 MAX_ERROR_CHARS = 512
 
-# Never a legitimate receiver, whatever the configuration says: link-local (which holds the cloud
-# metadata service at 169.254.169.254 and AWS's fd00:ec2::254), "this network", multicast and
-# broadcast. Private ranges and loopback are NOT here: this is an internal service whose clients
-# usually live next to it; deny them with CALLBACK_DENY_NETWORKS where that is not so.
+# Never a receiver unless CALLBACK_ALLOW_NETWORKS lists them by an entry inside the range (an
+# operator's deliberate choice; a broad entry such as 0.0.0.0/0 does not count): link-local (with
+# the cloud metadata service at 169.254.169.254), the other metadata addresses (AWS's
+# fd00:ec2::254, Alibaba's 100.100.100.200), NAT64 (64:ff9b::a9fe:a9fe is 169.254.169.254 through
+# a translator), "this network", multicast and broadcast. Private ranges are NOT here: this is an
+# internal service whose clients usually live next to it (CALLBACK_DENY_NETWORKS restricts them).
 ALWAYS_DENIED: tuple[Network, ...] = tuple(
     ip_network(cidr)
     for cidr in (
         "169.254.0.0/16",
         "fe80::/10",
         "fd00:ec2::254/128",
+        "100.100.100.200/32",
+        "64:ff9b::/96",
+        "64:ff9b:1::/48",
         "0.0.0.0/8",
         "::/128",
         "224.0.0.0/4",
@@ -57,56 +63,67 @@ ALWAYS_DENIED: tuple[Network, ...] = tuple(
         "255.255.255.255/32",
     )
 )
+# Denied the same way in production (NODE_ENV=production); development and tests call receivers
+# on this machine.
+LOOPBACK: tuple[Network, ...] = (ip_network("127.0.0.0/8"), ip_network("::1/128"))
 
 
 # --- signing ---------------------------------------------------------------------------------
 
 
-def standard_signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The Standard Webhooks `webhook-signature` value: `v1,` + base64 HMAC-SHA256."""
-    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+def standard_signature(secret: str | bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The Standard Webhooks `webhook-signature` value: `v1,` + base64 HMAC-SHA256.
+
+    `secret`: the `whsec_…` string, or its key bytes.
+    """
+    key = secret_bytes(secret) if isinstance(secret, str) else secret
     signed = f"{msg_id}.{timestamp}.".encode() + body
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
 @dataclass(frozen=True)
 class Signer:
-    """What every delivery of one service instance signs with (SALT and the JWT lifetime)."""
+    """How this service signs every delivery: the JWT's lifetime, and SALT when
+    CALLBACK_JWT_KEY=salt (the original's JWT, for clients that still verify with SALT)."""
 
-    salt: str
     jwt_exp_hours: float
+    salt: str | None = None
 
     def headers(
         self,
         *,
         body: bytes,
         event_id: str,
+        key_id: str,
         key_name: str,
-        webhook_secret: str | None,
+        secrets: Sequence[bytes],
         now: float | None = None,
     ) -> dict[str, str]:
-        """Headers of one attempt; signed afresh each time, so the timestamps are current."""
+        """Headers of one attempt, signed afresh each time so the timestamps are current.
+
+        `secrets`: the key's secrets, newest first (two during a rotation's overlap). The JWT
+        is signed with the newest; Standard Webhooks carries a signature under each.
+        """
+        if not secrets:
+            raise UnreadableSecret("the key has no webhook secret")
         issued = now if now is not None else time.time()
         token = callback_token(
-            salt=self.salt,
+            key=self.salt if self.salt else secrets[0],
+            subject=key_name if self.salt else key_id,
             exp_hours=self.jwt_exp_hours,
-            key_name=key_name,
             event_id=event_id,
             body=body,
             now=issued,
         )
-        headers = {
+        signatures = (standard_signature(s, event_id, int(issued), body) for s in secrets)
+        return {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
             "Authorization": f"Bearer {token}",
             "webhook-id": event_id,
             "webhook-timestamp": str(int(issued)),
+            "webhook-signature": " ".join(signatures),
         }
-        if webhook_secret:
-            headers["webhook-signature"] = standard_signature(
-                webhook_secret, event_id, int(issued), body
-            )
-        return headers
 
 
 # --- the SSRF guard --------------------------------------------------------------------------
@@ -118,21 +135,32 @@ class DestinationRefused(OSError):
 
 @dataclass(frozen=True)
 class NetworkPolicy:
-    """Allow/deny lists of destination networks; empty `allow` means anywhere not denied."""
+    """Allow/deny lists of destination networks; empty `allow` means anywhere not denied.
+
+    `loopback`: whether loopback is allowed without being listed (not in production).
+    """
 
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
+    loopback: bool = True
 
     def refusal(self, address: str) -> str | None:
         """Why connecting to `address` is refused, or None if it is allowed."""
         ip = _normalise(address)
-        if _within(ip, ALWAYS_DENIED):
-            return f"{ip} is link-local, metadata, multicast or unspecified"
+        if _within(ip, ALWAYS_DENIED) and not self._listed(ip, ALWAYS_DENIED):
+            return f"{ip} is link-local, metadata, NAT64, multicast or unspecified"
+        if not self.loopback and _within(ip, LOOPBACK) and not self._listed(ip, LOOPBACK):
+            return f"{ip} is loopback (refused in production unless in CALLBACK_ALLOW_NETWORKS)"
         if _within(ip, self.deny):
             return f"{ip} is in CALLBACK_DENY_NETWORKS"
         if self.allow and not _within(ip, self.allow):
             return f"{ip} is not in CALLBACK_ALLOW_NETWORKS"
         return None
+
+    def _listed(self, ip: IPv4Address | IPv6Address, guarded: Iterable[Network]) -> bool:
+        """Whether an allow entry holding `ip` lies inside one of the guarded ranges holding it."""
+        ranges = [g for g in guarded if ip in g]
+        return any(ip in entry and _inside(entry, ranges) for entry in self.allow)
 
     def check(self, address: str) -> None:
         """Raise DestinationRefused unless `address` may be connected to."""
@@ -162,6 +190,11 @@ def _normalise(address: str) -> IPv4Address | IPv6Address:
 
 def _within(ip: IPv4Address | IPv6Address, networks: Iterable[Network]) -> bool:
     return any(ip in network for network in networks)
+
+
+def _inside(network: Network, ranges: Iterable[Network]) -> bool:
+    # subnet_of raises TypeError across IP versions, hence the version check first.
+    return any(r.version == network.version and network.subnet_of(r) for r in ranges)  # type: ignore[arg-type]
 
 
 def guarded_connector(policy: NetworkPolicy, *, limit: int) -> aiohttp.TCPConnector:

@@ -46,6 +46,11 @@ class InvalidEmail(EmailError):
     code = "VALIDATION"
 
 
+class SenderNotAllowed(EmailError):
+    status = 403
+    code = "SENDER_NOT_ALLOWED"
+
+
 class TemplateNotFound(EmailError):
     status = 422
     code = "UNKNOWN_TEMPLATE"

@@ -8,6 +8,7 @@ from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
+from schemas.common import MAX_JSON_DEPTH, json_depth
 from shared.email.mime import (
     SES_MAX_RAW_BYTES,
     Attachment,
@@ -26,10 +27,12 @@ from shared.email.model import (
     InvalidEmail,
     MessageTooLarge,
     NewEmail,
+    SenderNotAllowed,
     TemplateNotFound,
 )
 from shared.email.templates import TEMPLATE_NAME, get_template
 from shared.infra.db import Database
+from shared.keys.apikeys import ApiKey
 from shared.keys.idempotency import KEY_RULE, valid_key
 
 
@@ -52,6 +55,8 @@ def parse_data(raw: str) -> dict[str, Any]:
         raise InvalidEmail("data: not valid JSON", "BAD_DATA") from exc
     if not isinstance(value, dict):
         raise InvalidEmail("data: must be a JSON object", "BAD_DATA")
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise InvalidEmail(f"data: must not nest deeper than {MAX_JSON_DEPTH} levels", "TOO_DEEP")
     try:  # JSON may spell lone surrogates (\ud800), which no database column can hold
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -128,6 +133,13 @@ def new_email(fields: Mapping[str, str], files: Iterable[Attachment] = ()) -> Ne
     if text is None and template is None:
         raise InvalidEmail("give a template or a text", "MISSING_FIELD")
     return email
+
+
+def check_sender(email: NewEmail, key: ApiKey) -> None:
+    """A key limited to some senders (allowed_senders) may send only as those: a central email
+    service for many teams must not let one team send as another."""
+    if not key.may_send_as(email.send_email):
+        raise SenderNotAllowed(f"sendEmail {email.send_email!r} is not among this key's senders")
 
 
 async def check_renderable(db: Database, email: NewEmail) -> None:

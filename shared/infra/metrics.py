@@ -21,6 +21,14 @@ HTTP_MALFORMED = Counter(
     "qs_http_malformed_requests_total",
     "Requests aiohttp refused with 400 before any handler ran (bad request line or headers)",
 )
+API_RATE_LIMITED = Counter(
+    "qs_api_rate_limited_total",
+    "Client requests refused with 429 for being over their key's rate_limit_per_sec",
+)
+API_RATE_LEASES = Counter(
+    "qs_api_rate_leases_total",
+    "Slices of keys' request budgets leased from MySQL (one statement each)",
+)
 MESSAGES = Counter("qs_messages_total", "Broker messages handled by outcome", ["queue", "outcome"])
 MESSAGE_SECONDS = Histogram(
     "qs_message_seconds",

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from functools import cached_property
 from ipaddress import IPv4Network, IPv6Network, ip_network
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# Secrets shorter than these are refused at start: a guessable admin key or JWT salt would let
-# anyone manage keys or forge callbacks. 32 bytes is RFC 7518's minimum for an HS256 key.
+from shared.infra.crypto import Keyring
+
+# Secrets shorter than these are refused at start: a guessable admin key or SALT would let anyone
+# manage keys or derive the keys that seal secrets and sign pixels (32 bytes is also RFC 7518's
+# minimum for an HS256 key, which SALT is under CALLBACK_JWT_KEY=salt).
 MIN_ADMIN_KEY_LENGTH = 16
 MIN_SALT_LENGTH = 32
 
@@ -60,6 +63,9 @@ class Settings(BaseSettings):
     DELAY_UNIT_MS: int = Field(1000, ge=1, le=60_000)
     DELAY_LEVELS: int = Field(28, ge=2, le=32)
     KEY_CACHE_SECONDS: float = Field(5.0, ge=0, le=300)
+    # Requests per second per client key (all gateways together) unless the key has its own
+    # `rate_limit_per_sec`; 0 or blank: unlimited.
+    API_RATE_LIMIT_PER_SEC: int = Field(0, ge=0, le=1_000_000)
     SHUTDOWN_GRACE_SECONDS: float = Field(20.0, ge=0, le=600)
     CLIENT_MAX_JSON_BYTES: int = Field(1_048_576, ge=1024)
     # Slow clients (slowloris): a connection that has not sent a request's headers this long
@@ -79,6 +85,21 @@ class Settings(BaseSettings):
     # How often each gateway refreshes the fleet gauges (rows by status, queue depths).
     STATUS_REFRESH_SECONDS: float = Field(15.0, ge=1, le=3600)
 
+    # --- keys and secrets (README "Callbacks" and "Operations") ---------------------------
+    # The SALT before the current one, while rotating SALT: webhook secrets sealed under it
+    # still open (and are re-sealed under SALT at start), pixels it signed still count.
+    SALT_PREVIOUS: SecretStr = SecretStr("")
+    # What signs the callback JWT: "secret" (each key's own webhook secret, `sub` = the key's
+    # id) or "salt" (SALT itself, `sub` = the key's name: the old scheme, weaker, for clients
+    # that still verify with SALT).
+    CALLBACK_JWT_KEY: Literal["secret", "salt"] = "secret"
+    # After POST /server/api/rotate-secret, callbacks are signed under the old secret too for
+    # this long (Standard Webhooks signatures; the JWT uses the new one).
+    WEBHOOK_SECRET_OVERLAP_HOURS: float = Field(24, ge=0, le=24 * 30)
+    # Open pixels of emails sent before the per-purpose keys (SHA-256 of SALT tags) count for
+    # this many days after the upgrade; 0: not at all.
+    PIXEL_LEGACY_TAG_DAYS: float = Field(30, ge=0, le=3650)
+
     # --- callbacks -----------------------------------------------------------------------
     # Seconds to wait before each delivery attempt, comma-separated; the first is the first
     # attempt (0: at once). When the last attempt fails, the delivery is FAILED.
@@ -96,8 +117,9 @@ class Settings(BaseSettings):
     # A 429/503 `Retry-After` is honoured up to this many seconds.
     CALLBACK_RETRY_AFTER_MAX_SECONDS: float = Field(3600.0, ge=0, le=86_400)
     # Destination networks (CIDRs, comma-separated) checked on the address actually connected
-    # to. Empty allow list = anywhere not denied. Link-local (incl. 169.254.169.254) is always
-    # denied; private ranges and loopback are allowed unless listed here.
+    # to. Empty allow list = anywhere not denied. Private ranges are allowed unless denied here.
+    # Link-local, metadata (169.254.169.254, fd00:ec2::254, 100.100.100.200), NAT64 and, in
+    # production, loopback are refused unless an allow entry inside them lists them.
     CALLBACK_ALLOW_NETWORKS: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = ()
     CALLBACK_DENY_NETWORKS: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = ()
 
@@ -193,6 +215,27 @@ class Settings(BaseSettings):
     @classmethod
     def _strong_salt(cls, value: SecretStr) -> SecretStr:
         return _at_least(value, MIN_SALT_LENGTH)
+
+    @field_validator("SALT_PREVIOUS")
+    @classmethod
+    def _strong_previous_salt(cls, value: SecretStr) -> SecretStr:
+        return _at_least(value, MIN_SALT_LENGTH) if value.get_secret_value() else value
+
+    @field_validator("API_RATE_LIMIT_PER_SEC", mode="before")
+    @classmethod
+    def _blank_is_unlimited(cls, value: Any) -> Any:
+        return 0 if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _previous_salt_differs(self) -> Self:
+        if self.SALT_PREVIOUS.get_secret_value() == self.SALT.get_secret_value():
+            raise ValueError("SALT_PREVIOUS must differ from SALT (blank when not rotating)")
+        return self
+
+    @property
+    def keyring(self) -> Keyring:
+        """The keys derived from SALT (and SALT_PREVIOUS), one per purpose (derived once)."""
+        return Keyring.of(self.SALT.get_secret_value(), self.SALT_PREVIOUS.get_secret_value())
 
     @property
     def is_production(self) -> bool:

@@ -45,6 +45,10 @@ class InvalidData(TaskError):
     pass
 
 
+class DataTooDeep(TaskError):
+    pass
+
+
 class BadIdempotencyKey(TaskError):
     pass
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from schemas.api_keys import iso_utc
+from schemas.common import MAX_JSON_DEPTH, json_depth
 from schemas.tasks import ExpirySent, TaskCallback, TaskEvent
 from shared.callbacks.outbox import NewEvent
 from shared.keys.idempotency import KEY_RULE, valid_key
@@ -16,6 +17,7 @@ from shared.tasks.model import (
     EVENT_TYPES,
     MAX_YEARS_AHEAD,
     BadIdempotencyKey,
+    DataTooDeep,
     DataTooLarge,
     ExpiryOutOfRange,
     InvalidData,
@@ -54,7 +56,10 @@ def check_expiry(expire_at: datetime, now: datetime) -> None:
 
 
 def encode_data(data: dict[str, Any], max_bytes: int) -> str:
-    """The task's data as compact JSON, refused when larger than `max_bytes` of UTF-8."""
+    """The task's data as compact JSON, refused when larger than `max_bytes` of UTF-8 or nested
+    deeper than MAX_JSON_DEPTH."""
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise DataTooDeep(f"data must not nest deeper than {MAX_JSON_DEPTH} levels")
     try:
         encoded = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError as exc:  # NaN/Infinity: Python's parser accepts them, JSON does not

@@ -143,10 +143,31 @@ async def mark_sns(db: Database, sns_id: str, status: str) -> None:
     )
 
 
-async def record_pixel_open(db: Database, email_id: str) -> list[str]:
-    """An open seen through the tracking pixel; returns callback event ids (first open only)."""
+# When migration 0012 (per-purpose keys) was applied: the upgrade the legacy pixel tag period
+# counts from.
+_UPGRADED_AT = "(SELECT applied_at FROM schema_migrations WHERE version = 12)"
+
+
+async def record_pixel_open(
+    db: Database, email_id: str, *, legacy_days: float | None = None
+) -> list[str]:
+    """An open seen through the tracking pixel; returns callback event ids (first open only).
+
+    `legacy_days`: the pixel had an old-form tag, which counts only for an email created before
+    the upgrade, and only for that many days after it (anyone who held SALT could forge one).
+    """
+    condition, args = "", []
+    if legacy_days is not None:
+        condition = (
+            f" AND created_at < {_UPGRADED_AT}"
+            f" AND UTC_TIMESTAMP(3) < {_UPGRADED_AT} + INTERVAL %s SECOND"
+        )
+        args = [round(legacy_days * 86_400)]
     async with db.transaction() as cur:
-        await cur.execute("SELECT * FROM emails WHERE email_id = %s FOR UPDATE", (email_id,))
+        await cur.execute(
+            f"SELECT * FROM emails WHERE email_id = %s{condition} FOR UPDATE",  # noqa: S608 - constants
+            (email_id, *args),
+        )
         row = await cur.fetchone()
         if row is None:
             return []

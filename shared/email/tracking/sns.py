@@ -17,10 +17,12 @@ validators, the certificate's own chain is not checked here.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -290,9 +292,14 @@ class HttpCertFetcher:
 
     The session belongs to the caller (opened and closed with the app). Only URLs passing
     :func:`check_cert_url` are fetched, without following redirects, within ``timeout``
-    seconds and ``max_bytes``; a body that is not a PEM certificate is refused and not cached.
+    seconds and ``max_bytes``; a body that is not a PEM certificate is refused.
     SNS publishes each certificate under a URL of its own, so a cached entry never goes stale;
     the cache is bounded (oldest entry dropped first) only because URLs come from requests.
+
+    Forged messages must not turn the endpoint into a fetcher for anyone: requests for one URL
+    share one download, a failed download is remembered for ``failure_ttl`` seconds (the same
+    error again, no request), and at most ``max_fetches`` downloads run at once; beyond that a
+    new URL is refused at once as transient (503: SNS itself retries later).
     """
 
     def __init__(
@@ -302,12 +309,20 @@ class HttpCertFetcher:
         timeout: float = 5.0,
         max_bytes: int = 64 * 1024,
         max_entries: int = 32,
+        failure_ttl: float = 10.0,
+        max_fetches: int = 4,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_bytes = max_bytes
         self._max_entries = max_entries
+        self._failure_ttl = failure_ttl
+        self._max_fetches = max_fetches
+        self._clock = clock
         self._cache: dict[str, bytes] = {}
+        self._failures: dict[str, tuple[float, SnsVerificationError]] = {}
+        self._fetches: dict[str, asyncio.Task[bytes]] = {}
 
     async def __call__(self, url: str) -> bytes:
         """Return the PEM bytes at ``url``, from the cache when possible."""
@@ -316,13 +331,33 @@ class HttpCertFetcher:
             return cached
         # Checked here too, so the fetcher is safe even when used on its own.
         check_cert_url(url)
-        pem = await self._download(url)
-        _load_certificate(pem)
-        # Concurrent misses may download twice; harmless, and simpler than tracking futures.
-        if url not in self._cache and len(self._cache) >= self._max_entries:
-            del self._cache[next(iter(self._cache))]
-        self._cache[url] = pem
+        failed = self._failures.get(url)
+        if failed is not None and failed[0] > self._clock():
+            raise failed[1]
+        fetch = self._fetches.get(url)
+        if fetch is None:
+            if len(self._fetches) >= self._max_fetches:
+                raise SnsCertFetchError("too many certificate fetches in progress")
+            fetch = asyncio.create_task(self._fetch(url))
+            self._fetches[url] = fetch
+            fetch.add_done_callback(lambda done: self._fetched(url, done))
+        # Shielded: a caller that goes away does not cancel the download the others wait for.
+        return await asyncio.shield(fetch)
+
+    async def _fetch(self, url: str) -> bytes:
+        try:
+            pem = await self._download(url)
+            _load_certificate(pem)
+        except SnsVerificationError as exc:
+            _remember(self._failures, url, (self._clock() + self._failure_ttl, exc), 1024)
+            raise
+        _remember(self._cache, url, pem, self._max_entries)
         return pem
+
+    def _fetched(self, url: str, done: asyncio.Task[bytes]) -> None:
+        del self._fetches[url]
+        if not done.cancelled():
+            done.exception()  # retrieved, even when every waiter went away
 
     async def _download(self, url: str) -> bytes:
         try:
@@ -345,3 +380,10 @@ class HttpCertFetcher:
             if len(data) > self._max_bytes:
                 raise SnsVerificationError("signing certificate is too large")
         return bytes(data)
+
+
+def _remember(cache: dict[str, Any], url: str, value: Any, max_entries: int) -> None:
+    """Store in a bounded cache; the oldest entry goes first."""
+    if url not in cache and len(cache) >= max_entries:
+        del cache[next(iter(cache))]
+    cache[url] = value
