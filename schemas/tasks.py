@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     ModelWrapValidatorHandler,
     PrivateAttr,
@@ -22,7 +23,7 @@ from pydantic import (
 )
 
 from schemas.api_keys import iso_utc
-from schemas.common import FORM_CONTEXT, Body, JsonObject, Ok
+from schemas.common import FORM_CONTEXT, Body, JsonObject, Ok, clamp
 
 TaskStatus = Literal["PENDING", "EXPIRED", "REMOVED"]
 TaskEvent = Literal["ADD", "REMOVE", "EXPIRED"]
@@ -151,7 +152,9 @@ class RemovedTask(Ok):
     removed: Literal[True] = True
 
 
-class TaskState(Ok):
+class TaskView(BaseModel):
+    """One task as its key sees it (queue/get, queue/list)."""
+
     queue_id: str
     status: TaskStatus
     data: dict[str, Any]
@@ -163,6 +166,31 @@ class TaskState(Ok):
     @field_serializer("expire_date", "created_at", "expired_at", "removed_at")
     def _iso(self, value: datetime | None) -> str | None:
         return iso_utc(value)
+
+
+class TaskState(TaskView, Ok):
+    pass
+
+
+class ListTasks(Body):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "PENDING", "limit": 20}]})
+
+    status: TaskStatus | None = Field(None, description="Only tasks in this state")
+    limit: Annotated[int, clamp(1, 100)] = Field(
+        20, description="Tasks per page, 1-100 (a value outside is moved into the range)"
+    )
+    cursor: str | None = Field(
+        None,
+        pattern=TASK_ID_PATTERN,
+        description="`next_cursor` of the previous page; absent for the first page",
+    )
+
+
+class TaskList(Ok):
+    tasks: list[TaskView] = Field(description="Newest first")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page"
+    )
 
 
 class TaskCallback(BaseModel):

@@ -43,3 +43,55 @@ async def pending_of(db: Database, task_ids: Sequence[str]) -> set[str]:
         (*task_ids, PENDING),
     )
     return {row["task_id"] for row in rows}
+
+
+# The three statuses, each one range of ix_tasks_key_status (api_key_id, status, id).
+_STATUSES: tuple[TaskStatus, ...] = ("PENDING", "EXPIRED", "REMOVED")
+
+
+async def list_tasks(
+    db: Database,
+    *,
+    key_id: int,
+    status: TaskStatus | None,
+    limit: int,
+    after: str | None = None,
+) -> tuple[list[Task], bool]:
+    """A key's tasks, newest first: up to `limit` of them after the task `after` (the cursor:
+    the last task of the previous page), and whether more follow.
+
+    Each status is one range of the (api_key_id, status, id) index, walked down from the
+    cursor; without a status the three ranges are read `limit + 1` deep each and merged, so no
+    page reads more than 3 (limit + 1) index entries however many tasks the key has.
+    TaskNotFound if `after` is not one of this key's tasks.
+    """
+    below = await _cursor_id(db, key_id, after) if after is not None else None
+    statuses = (status,) if status is not None else _STATUSES
+    ranges = " UNION ALL ".join(
+        "(SELECT id FROM tasks FORCE INDEX (ix_tasks_key_status)"
+        " WHERE api_key_id = %s AND status = %s AND id < %s ORDER BY id DESC LIMIT %s)"
+        for _ in statuses
+    )
+    args: list[object] = []
+    for one in statuses:
+        args += [key_id, one, below if below is not None else 2**63, limit + 1]
+    found = await db.fetchall(f"{ranges} ORDER BY id DESC LIMIT %s", [*args, limit + 1])
+    ids = [row["id"] for row in found]
+    if not ids:
+        return [], False
+    page = ids[:limit]
+    rows = await db.fetchall(
+        f"SELECT {TASK_COLUMNS} FROM tasks WHERE id IN ({placeholders(len(page))})"  # noqa: S608 - placeholders
+        " ORDER BY id DESC",
+        page,
+    )
+    return [_task(row) for row in rows], len(ids) > limit
+
+
+async def _cursor_id(db: Database, key_id: int, task_id: str) -> int:
+    row = await db.fetchone(
+        "SELECT id FROM tasks WHERE task_id = %s AND api_key_id = %s", (task_id, key_id)
+    )
+    if row is None:
+        raise TaskNotFound("cursor is not one of this key's tasks")
+    return int(row["id"])
