@@ -5,7 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, Field, field_serializer, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from schemas.api_keys import iso_utc
 from schemas.common import Body, Ok, Page, clamp
@@ -23,6 +30,14 @@ class ListDeliveries(Body):
 
 
 class GetDelivery(Body):
+    event_id: str = Field(pattern=EVENT_ID_PATTERN)
+
+
+class RetryDelivery(Body):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"event_id": "Xq3vB8kR2mN5pL7tY9wZ"}]}
+    )
+
     event_id: str = Field(pattern=EVENT_ID_PATTERN)
 
 
@@ -110,3 +125,10 @@ class Replayed(Ok):
     replayed: int
     event_ids: list[str]
     more: bool = Field(False, description="More matched than one call replays; call again")
+
+
+class RetriedDelivery(Ok):
+    event_id: str
+    previous_status: DeliveryStatus = Field(
+        description="PENDING (its wait was cut short), FAILED or GONE (its schedule restarts)"
+    )

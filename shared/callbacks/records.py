@@ -73,6 +73,34 @@ async def replay(db: Database, api_key_id: int, event_id: str) -> str | None:
         return str(row["status"])
 
 
+async def retry_now(db: Database, api_key_id: int, event_id: str) -> str | None:
+    """Make one of this key's undelivered events due now; returns its status before (None if
+    not found). PENDING keeps its place in the schedule (only the wait is cut short), FAILED
+    and GONE start it again; SENDING (a worker holds it) and DELIVERED are left as they are.
+
+    The row is locked while it is read and changed, and a worker's claim is itself conditional
+    on the row being due: of this change and a claim, one happens first, and an event is never
+    POSTed twice at once.
+    """
+    async with db.transaction() as cur:
+        await cur.execute(
+            "SELECT status FROM callback_events WHERE event_id = %s AND api_key_id = %s FOR UPDATE",
+            (event_id, api_key_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        if row["status"] == PENDING:
+            await cur.execute(
+                "UPDATE callback_events SET next_attempt_at = UTC_TIMESTAMP(3)"
+                " WHERE event_id = %s AND status = %s",
+                (event_id, PENDING),
+            )
+        elif row["status"] in UNDELIVERED:
+            await _restart(cur, [event_id])
+        return str(row["status"])
+
+
 async def replay_since(
     db: Database, api_key_id: int, since: datetime, *, limit: int
 ) -> tuple[list[str], bool]:
