@@ -9,6 +9,7 @@ from shared.email.tracking.notifications import SnsHttp
 from shared.infra.broker import Broker
 from shared.infra.db import Database
 from shared.infra.settings import Settings
+from shared.keys.usage import LastUse
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
@@ -16,3 +17,4 @@ BROKER = web.AppKey("broker", Broker)
 KEY_CACHE = web.AppKey("key_cache", KeyCache)
 ENDPOINTS = web.AppKey("endpoints", list)
 SNS_HTTP = web.AppKey("sns_http", SnsHttp)
+KEY_USE = web.AppKey("key_use", LastUse)

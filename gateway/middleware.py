@@ -10,13 +10,14 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from gateway.app_keys import DB, KEY_CACHE, SETTINGS
+from gateway.app_keys import DB, KEY_CACHE, KEY_USE, SETTINGS
 from gateway.auth import PRINCIPAL, Role, allowed, authenticate, bearer_token
 from gateway.endpoints import endpoint_of
 from gateway.errors import ApiError, SlowBody, as_original_status, error_response
 from shared.infra import metrics
 from shared.infra.broker import BrokerUnavailable
 from shared.infra.db import DatabaseUnavailable
+from shared.keys.apikeys import ApiKey
 
 log = structlog.get_logger("gateway")
 
@@ -128,6 +129,8 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not allowed(role, principal):
         who = "the admin key" if role is Role.ADMIN else "a client API key"
         raise ApiError(403, f"this route needs {who}", "FORBIDDEN")
+    if isinstance(principal, ApiKey):
+        request.app[KEY_USE].touch(principal.id)  # written every few seconds, not now
     request[PRINCIPAL] = principal
     return await handler(request)
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AnyHttpUrl, Field, field_serializer, model_validator
+from pydantic import AnyHttpUrl, BaseModel, Field, field_serializer, model_validator
 
-from schemas.common import Body, Ok
+from schemas.common import Body, Ok, Page, clamp
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
 
@@ -70,3 +70,42 @@ class VerifiedToken(Ok):
 
 class Pong(Ok):
     message: Literal["pong"] = "pong"
+
+
+class ListKeys(Body):
+    page: Page = Field(1, description="Page number, from 1")
+    limit: Annotated[int, clamp(1, 100)] = Field(
+        20, description="Keys per page, 1-100 (a value outside is moved into the range)"
+    )
+
+
+class KeyCounts(BaseModel):
+    tasks: dict[str, int] = Field(description="The key's tasks by status")
+    emails: int = Field(description="Emails queued with the key, in all")
+    callbacks: dict[str, int] = Field(description="The key's callback deliveries by status")
+
+
+class KeySummary(BaseModel):
+    """A key as the admin sees it: never the key itself nor its webhook secret."""
+
+    api_name: str
+    return_api: str
+    expire_date: datetime | None
+    expired: bool
+    created_at: datetime
+    last_used_at: datetime | None = Field(
+        description="Its latest request, as gateways record it (every few seconds); null if "
+        "never used"
+    )
+    counts: KeyCounts
+
+    @field_serializer("expire_date", "created_at", "last_used_at")
+    def _iso(self, value: datetime | None) -> str | None:
+        return iso_utc(value)
+
+
+class KeyPage(Ok):
+    keys: list[KeySummary]
+    count: int = Field(description="Live keys, over every page")
+    page: int
+    total_pages: int

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jwt
 from aiohttp import web
 
@@ -9,8 +11,18 @@ from gateway.app_keys import DB, KEY_CACHE, SETTINGS
 from gateway.auth import PRINCIPAL, Admin, Role
 from gateway.endpoints import EndpointTable
 from gateway.errors import ApiError, bad_request, not_found
-from schemas.api_keys import CreatedKey, CreateKey, DeleteKey, VerifiedToken, VerifyToken
+from schemas.api_keys import (
+    CreatedKey,
+    CreateKey,
+    DeleteKey,
+    KeyPage,
+    KeySummary,
+    ListKeys,
+    VerifiedToken,
+    VerifyToken,
+)
 from schemas.common import Ok
+from shared import inventory
 from shared.callbacks.signing import verify_callback_token
 from shared.infra.db import utcnow
 from shared.keys import apikeys
@@ -96,3 +108,32 @@ async def verify_token(request: web.Request, body: VerifyToken) -> VerifiedToken
     ):
         raise bad_request("invalid token: issued to another key", "TOKEN_INVALID")
     return VerifiedToken(payload=claims)
+
+
+@table.route(
+    "POST",
+    "/server/api/list",
+    role=Role.ADMIN,
+    body=ListKeys,
+    response=KeyPage,
+    summary="The live API keys by name: return_api, expiry, creation, last use and counts of "
+    "their tasks, emails and callbacks (never a key or secret)",
+    tag="API keys",
+    errors=(422,),
+)
+async def list_keys(request: web.Request, body: ListKeys) -> KeyPage:
+    rows, total = await inventory.keys_with_counts(
+        request.app[DB], page=body.page, limit=body.limit
+    )
+    now = utcnow()
+    return KeyPage(
+        keys=[
+            KeySummary.model_validate(
+                {**row, "expired": row["expire_date"] is not None and row["expire_date"] <= now}
+            )
+            for row in rows
+        ],
+        count=total,
+        page=body.page,
+        total_pages=math.ceil(total / body.limit),
+    )

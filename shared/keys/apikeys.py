@@ -127,3 +127,25 @@ async def get_key(db: Database, key_id: int) -> tuple[ApiKey, str | None] | None
     if row is None:
         return None
     return _from_row(row), row["webhook_secret_enc"]
+
+
+async def find_key_by_name(db: Database, api_name: str) -> ApiKey | None:
+    """The live (not deleted) key of this name, expired or not."""
+    row = await db.fetchone(
+        "SELECT * FROM api_keys WHERE api_name = %s AND deleted_at IS NULL", (api_name,)
+    )
+    return None if row is None else _from_row(row)
+
+
+async def list_keys(db: Database, *, offset: int, limit: int) -> tuple[list[Row], int]:
+    """A page of live keys by name (never a key or secret), and how many there are in all.
+
+    Rows: id, api_name, return_api, expire_date, created_at, last_used_at.
+    """
+    total = await db.fetchone("SELECT COUNT(*) AS n FROM api_keys WHERE deleted_at IS NULL")
+    rows = await db.fetchall(
+        "SELECT id, api_name, return_api, expire_date, created_at, last_used_at FROM api_keys"
+        " WHERE deleted_at IS NULL ORDER BY api_name LIMIT %s OFFSET %s",
+        (limit, offset),
+    )
+    return rows, int(total["n"]) if total else 0
