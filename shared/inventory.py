@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from shared.infra.db import Database, Row, placeholders
+from shared.infra.db import Database, Row, placeholders, utcnow
 from shared.keys import apikeys
 
 # table -> the index (leading api_key_id) its counts read; those with a status count by it.
@@ -19,16 +19,18 @@ _TABLES = {"tasks": "tasks", "callbacks": "callback_events", "emails": "emails"}
 
 
 async def keys_with_counts(db: Database, *, page: int, limit: int) -> tuple[list[Row], int]:
-    """A page of live keys by name, each with `counts` ({tasks: {status: n}, emails: n,
-    callbacks: {status: n}}), and how many keys there are in all."""
+    """A page of live keys by name, each with `expired` and `counts` ({tasks: {status: n},
+    emails: n, callbacks: {status: n}}), and how many keys there are in all."""
     rows, total = await apikeys.list_keys(db, offset=(page - 1) * limit, limit=limit)
     ids = [int(row["id"]) for row in rows]
     tasks = await _by_status(db, "tasks", ids)
     callbacks = await _by_status(db, "callbacks", ids)
     emails = await _totals(db, "emails", ids)
+    now = utcnow()
     return [
         {
             **row,
+            "expired": row["expire_date"] is not None and row["expire_date"] <= now,
             "counts": {
                 "tasks": tasks.get(row["id"], {}),
                 "emails": emails.get(row["id"], 0),

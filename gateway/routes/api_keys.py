@@ -125,14 +125,8 @@ async def list_keys(request: web.Request, body: ListKeys) -> KeyPage:
     rows, total = await inventory.keys_with_counts(
         request.app[DB], page=body.page, limit=body.limit
     )
-    now = utcnow()
     return KeyPage(
-        keys=[
-            KeySummary.model_validate(
-                {**row, "expired": row["expire_date"] is not None and row["expire_date"] <= now}
-            )
-            for row in rows
-        ],
+        keys=[KeySummary.model_validate(row) for row in rows],
         count=total,
         page=body.page,
         total_pages=math.ceil(total / body.limit),

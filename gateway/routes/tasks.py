@@ -25,7 +25,6 @@ from shared.tasks.model import (
     ExpiryOutOfRange,
     IdempotencyConflict,
     InvalidData,
-    Task,
     TaskError,
     TaskNotFound,
     TaskNotPending,
@@ -129,19 +128,7 @@ async def get_task(request: web.Request, body: TaskRef) -> TaskState:
         )
     except TaskError as exc:
         raise _api_error(exc) from exc
-    return TaskState(**_view(task))
-
-
-def _view(task: Task) -> dict[str, object]:
-    return {
-        "queue_id": task.task_id,
-        "status": task.status,
-        "data": task.data,
-        "expire_date": task.expire_at,
-        "created_at": task.created_at,
-        "expired_at": task.expired_at,
-        "removed_at": task.removed_at,
-    }
+    return TaskState(**task.as_record())
 
 
 @table.route(
@@ -167,6 +154,6 @@ async def list_tasks(request: web.Request, body: ListTasks) -> TaskList:
     except TaskNotFound as exc:
         raise ApiError(400, str(exc), "BAD_CURSOR") from exc
     return TaskList(
-        tasks=[TaskView(**_view(task)) for task in tasks],
+        tasks=[TaskView(**task.as_record()) for task in tasks],
         next_cursor=tasks[-1].task_id if more else None,
     )

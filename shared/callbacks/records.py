@@ -130,3 +130,23 @@ async def _restart(cur: aiomysql.Cursor, event_ids: Sequence[str]) -> None:
         f" next_attempt_at = UTC_TIMESTAMP(3) WHERE event_id IN ({marks})",
         (PENDING, *event_ids),
     )
+
+
+async def list_recent(
+    db: Database, *, api_key_id: int | None, statuses: Sequence[str] | None, limit: int
+) -> list[Row]:
+    """The newest deliveries (one key's, or every key's), optionally only in `statuses`, with
+    their key id: the operator's view (`queue-server callbacks list`)."""
+    where = "TRUE"
+    args: list[object] = []
+    if api_key_id is not None:
+        where += " AND api_key_id = %s"
+        args.append(api_key_id)
+    if statuses:
+        where += f" AND status IN ({', '.join(['%s'] * len(statuses))})"
+        args += statuses
+    return await db.fetchall(
+        f"SELECT api_key_id, {_SUMMARY_COLUMNS} FROM callback_events WHERE {where}"  # noqa: S608 - placeholders
+        " ORDER BY id DESC LIMIT %s",
+        [*args, limit],
+    )

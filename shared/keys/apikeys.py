@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
 import pymysql
 
 from shared.infra import crypto, ids
-from shared.infra.db import Database, Row, utcnow
+from shared.infra.db import Database, Row, placeholders, utcnow
 
 
 class KeyNameTaken(Exception):
@@ -149,3 +150,15 @@ async def list_keys(db: Database, *, offset: int, limit: int) -> tuple[list[Row]
         (limit, offset),
     )
     return rows, int(total["n"]) if total else 0
+
+
+async def key_names(db: Database, key_ids: Collection[int]) -> dict[int, str]:
+    """Names of keys by id, deleted ones under the name they had."""
+    if not key_ids:
+        return {}
+    rows = await db.fetchall(
+        "SELECT id, COALESCE(api_name, deleted_name) AS name FROM api_keys"  # noqa: S608 - placeholders
+        f" WHERE id IN ({placeholders(len(key_ids))})",
+        list(key_ids),
+    )
+    return {row["id"]: row["name"] for row in rows}
