@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.app_keys import BROKER, DB, ENDPOINTS, KEY_CACHE, KEY_USE, SETTINGS, SNS_HTTP
 from gateway.auth import KeyCache
+from gateway.docs import add_assets
 from gateway.endpoints import install
 from gateway.middleware import access_log, auth, body_deadline, errors
 from gateway.routes import ENDPOINTS as ALL_ENDPOINTS
@@ -108,4 +109,5 @@ def create_app(settings: Settings, *, setup_broker: bool = True) -> web.Applicat
     app.cleanup_ctx.append(_sns_http)
     app.cleanup_ctx.append(_status_refresher)
     install(app, ALL_ENDPOINTS)
+    add_assets(app)
     return app

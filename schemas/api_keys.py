@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AnyHttpUrl, BaseModel, Field, field_serializer, model_validator
 
-from schemas.common import Body, Ok, Page, clamp
+from schemas.common import Body, Ok, Page, clamp, example
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
 
@@ -21,6 +21,13 @@ def iso_utc(value: datetime | None) -> str | None:
 
 
 class CreateKey(Body):
+    model_config = example(
+        api_name="task_tracker_api_2",
+        return_api="http://api.server.com/task-tracking-2",
+        temporary=True,
+        duration="4d",
+    )
+
     api_name: str = Field(pattern=KEY_NAME_PATTERN, description="Unique name of the key")
     return_api: AnyHttpUrl = Field(description="Where this key's callbacks are POSTed")
     temporary: bool = False
@@ -50,6 +57,8 @@ class CreatedKey(Ok):
 
 
 class DeleteKey(Body):
+    model_config = example(api_name="task_tracker_api_2")
+
     api_name: str | None = Field(default=None, max_length=100)
     api_key: str | None = Field(default=None, max_length=200)
 
@@ -61,6 +70,8 @@ class DeleteKey(Body):
 
 
 class VerifyToken(Body):
+    model_config = example(token="eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.e30.signature")  # noqa: S106 - a placeholder
+
     token: str = Field(min_length=1, max_length=8192)
 
 
@@ -73,6 +84,8 @@ class Pong(Ok):
 
 
 class ListKeys(Body):
+    model_config = example(page=1, limit=20)
+
     page: Page = Field(1, description="Page number, from 1")
     limit: Annotated[int, clamp(1, 100)] = Field(
         20, description="Keys per page, 1-100 (a value outside is moved into the range)"

@@ -5,17 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from pydantic import BaseModel, Field, field_serializer, model_validator
 
 from schemas.api_keys import iso_utc
-from schemas.common import Body, Ok, clamp
+from schemas.common import Body, Ok, clamp, example
 
 Batch = Annotated[int, clamp(1, 1000)]
 MessageId = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")]
 
 
 class ListDeadLetters(Body):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"limit": 100}]})
+    model_config = example(limit=100)
 
     limit: Batch = Field(100, description="Messages from the queue's head, 1-1000")
 
@@ -42,9 +42,7 @@ class DeadLetterPage(Ok):
 class RequeueDeadLetters(Body):
     """Either the ids to send back, or `all: true`; both look at the first `limit` messages."""
 
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"message_ids": ["b1946ac92492d2347c6235b4d2611184"]}]}
-    )
+    model_config = example(message_ids=["b1946ac92492d2347c6235b4d2611184"])
 
     message_ids: list[MessageId] | None = Field(None, max_length=1000)
     all: bool = Field(False, description="Send back every one of the first `limit` messages")

@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ModelWrapValidatorHandler,
     PrivateAttr,
@@ -23,7 +22,7 @@ from pydantic import (
 )
 
 from schemas.api_keys import iso_utc
-from schemas.common import FORM_CONTEXT, Body, JsonObject, Ok, clamp
+from schemas.common import FORM_CONTEXT, Body, JsonObject, Ok, clamp, example
 
 TaskStatus = Literal["PENDING", "EXPIRED", "REMOVED"]
 TaskEvent = Literal["ADD", "REMOVE", "EXPIRED"]
@@ -97,6 +96,10 @@ def _rfc_2822(text: str) -> datetime | None:
 
 
 class AddTask(Body):
+    model_config = example(
+        data={"hello": "world", "value": 1234567890}, expiryDate="2030-10-01T20:44:48.858Z"
+    )
+
     data: JsonObject = Field(
         description="A JSON object, sent back in every callback (urlencoded: data[key]=value, "
         "or the object as a JSON string)"
@@ -141,6 +144,8 @@ class AddTask(Body):
 
 
 class TaskRef(Body):
+    model_config = example(queue_id="328V32KoEOuy8zLs4pdP-RY8oh9-ep68NY786RsD")
+
     queue_id: str = Field(pattern=TASK_ID_PATTERN, description="The taskId from queue/add")
 
 
@@ -173,7 +178,7 @@ class TaskState(TaskView, Ok):
 
 
 class ListTasks(Body):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "PENDING", "limit": 20}]})
+    model_config = example(status="PENDING", limit=20)
 
     status: TaskStatus | None = Field(None, description="Only tasks in this state")
     limit: Annotated[int, clamp(1, 100)] = Field(

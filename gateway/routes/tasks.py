@@ -61,6 +61,7 @@ def _api_error(exc: TaskError, **extra: object) -> ApiError:
     role=Role.CLIENT,
     body=AddTask,
     response=AddedTask,
+    idempotent=True,
     summary="Add a task; it is called back at the key's return_api on ADD, EXPIRED and REMOVE "
     "(optional Idempotency-Key header: a retry with the same key and body returns the same "
     "taskId)",
