@@ -61,16 +61,10 @@ async def replay(db: Database, api_key_id: int, event_id: str) -> str | None:
     Only finished events are replayed (a PENDING or SENDING one is already on its way).
     """
     async with db.transaction() as cur:
-        await cur.execute(
-            "SELECT status FROM callback_events WHERE event_id = %s AND api_key_id = %s FOR UPDATE",
-            (event_id, api_key_id),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            return None
-        if row["status"] in FINISHED:
+        status = await _locked_status(cur, api_key_id, event_id)
+        if status in FINISHED:
             await _restart(cur, [event_id])
-        return str(row["status"])
+        return status
 
 
 async def retry_now(db: Database, api_key_id: int, event_id: str) -> str | None:
@@ -83,22 +77,26 @@ async def retry_now(db: Database, api_key_id: int, event_id: str) -> str | None:
     POSTed twice at once.
     """
     async with db.transaction() as cur:
-        await cur.execute(
-            "SELECT status FROM callback_events WHERE event_id = %s AND api_key_id = %s FOR UPDATE",
-            (event_id, api_key_id),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            return None
-        if row["status"] == PENDING:
+        status = await _locked_status(cur, api_key_id, event_id)
+        if status == PENDING:
             await cur.execute(
                 "UPDATE callback_events SET next_attempt_at = UTC_TIMESTAMP(3)"
                 " WHERE event_id = %s AND status = %s",
                 (event_id, PENDING),
             )
-        elif row["status"] in UNDELIVERED:
+        elif status in UNDELIVERED:
             await _restart(cur, [event_id])
-        return str(row["status"])
+        return status
+
+
+async def _locked_status(cur: aiomysql.Cursor, api_key_id: int, event_id: str) -> str | None:
+    """The status of one of this key's events, its row locked until the transaction ends."""
+    await cur.execute(
+        "SELECT status FROM callback_events WHERE event_id = %s AND api_key_id = %s FOR UPDATE",
+        (event_id, api_key_id),
+    )
+    row = await cur.fetchone()
+    return None if row is None else str(row["status"])
 
 
 async def replay_since(
