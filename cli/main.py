@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Coroutine, Sequence
+from importlib import metadata
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from cli import inspection, receiver
 from shared.infra.settings import Settings
 
 T = TypeVar("T")
@@ -48,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="queue-server", description="Task queue with expiry callbacks and an SES email queue."
     )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (
         ("run", "gateway and every worker in one process (development, small installs)"),
@@ -58,7 +63,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--no-setup-broker", action="store_true", help="do not declare the broker topology"
         )
-    worker = sub.add_parser("worker", help="one or more workers, for scaling out")
+    worker = sub.add_parser(
+        "worker",
+        help="one or more workers, for scaling out",
+        description="Run the named workers in one process, with no HTTP gateway; run more "
+        "copies on any machine to scale out.",
+    )
     worker.add_argument(
         "names",
         nargs="+",
@@ -66,9 +76,32 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(WORKERS) or None,
         help=f"one of: {', '.join(sorted(WORKERS)) or '(none yet)'}",
     )
-    sub.add_parser("migrate", help="create the database if missing and apply migrations")
-    sub.add_parser("setup-broker", help="declare the RabbitMQ topology (idempotent)")
+    migrate = sub.add_parser(
+        "migrate",
+        help="create the database if missing and apply migrations",
+        description="Create the database if missing, apply pending migrations in order, then "
+        "re-seal stored webhook secrets under the current SALT; safe to run again and from "
+        "several processes at once.",
+    )
+    migrate.add_argument(
+        "--status", action="store_true", help="only show which migrations are applied"
+    )
+    sub.add_parser(
+        "setup-broker",
+        help="declare the RabbitMQ topology (idempotent)",
+        description="Declare the RabbitMQ exchanges, work queues, the dead-letter queue and "
+        "the delay cascade; safe to run again.",
+    )
+    inspection.add_parsers(sub)
+    receiver.add_parser(sub)
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("queue-server")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 async def _migrate(settings: Settings) -> list[str]:
@@ -136,14 +169,8 @@ def _with_transport(settings: Settings) -> Settings:
     return settings.model_copy(update={"EMAIL_TRANSPORT": name})
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    settings = _load_settings()
-    from shared.infra.logs import configure_logging
-
-    configure_logging(settings)
-    if args.command in ("run", "gateway", "worker"):
-        settings = _with_transport(settings)
+def _warn_if_salt_signs(settings: Settings) -> None:
+    """At every start while CALLBACK_JWT_KEY=salt: the weaker scheme should not be forgotten."""
     if settings.CALLBACK_JWT_KEY == "salt":
         import structlog
 
@@ -153,6 +180,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             "client then holds and any of them can sign for another key; move clients to "
             "their own webhook secrets and unset it (README 'Callbacks')",
         )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "receiver":  # a client's tool: none of the service's settings
+        receiver.serve(args)
+        return
+    settings = _load_settings()
+    from shared.infra.logs import configure_logging
+
+    configure_logging(settings)
+    if args.command in ("run", "gateway", "worker"):
+        settings = _with_transport(settings)
+    _warn_if_salt_signs(settings)
     if args.command in ("run", "gateway"):
         _serve_http(
             settings,
@@ -164,6 +205,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         from workers.runner import serve_workers
 
         _run(serve_workers(settings, args.names))
+    elif args.command in inspection.COMMANDS:
+        try:
+            _run(inspection.run(args, settings))
+        except inspection.CommandError as exc:
+            inspection.fail(exc)
+    elif args.command == "migrate" and args.status:
+        _run(inspection.migrate_status(settings))
     elif args.command == "migrate":
         applied = _run(_migrate(settings))
         print(

@@ -10,8 +10,18 @@ import aiohttp
 import structlog
 from aiohttp import web, web_response
 
-from gateway.app_keys import BROKER, DB, ENDPOINTS, KEY_CACHE, KEY_RATES, SETTINGS, SNS_HTTP
+from gateway.app_keys import (
+    BROKER,
+    DB,
+    ENDPOINTS,
+    KEY_CACHE,
+    KEY_RATES,
+    KEY_USE,
+    SETTINGS,
+    SNS_HTTP,
+)
 from gateway.auth import KeyCache
+from gateway.docs import add_assets
 from gateway.endpoints import install
 from gateway.middleware import access_log, auth, body_deadline, errors
 from gateway.routes import ENDPOINTS as ALL_ENDPOINTS
@@ -19,6 +29,7 @@ from shared.email.tracking.notifications import LiveSnsHttp
 from shared.infra.resources import open_broker, open_database
 from shared.infra.settings import Settings
 from shared.keys.request_rates import KeyRates
+from shared.keys.usage import FLUSH_SECONDS, LastUse
 from shared.status import snapshot
 
 log = structlog.get_logger("gateway")
@@ -74,6 +85,29 @@ async def _status_refresher(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _key_use(app: web.Application) -> AsyncIterator[None]:
+    """Record when each key was last used, written every FLUSH_SECONDS (and at stop)."""
+    use = app[KEY_USE] = LastUse()
+
+    async def flush() -> None:
+        try:
+            await use.flush(app[DB])
+        except Exception as exc:  # kept for the next flush; a stale "last used" harms nothing
+            log.warning("key_use.flush_failed", error=str(exc))
+
+    async def flush_every() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            await flush()
+
+    task = asyncio.create_task(flush_every(), name="key-use-flush")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await flush()
+
+
 def create_app(settings: Settings, *, setup_broker: bool = True) -> web.Application:
     """The gateway (cli/app.py adds workers to it for `queue-server run`)."""
     # Replaced where aiohttp reads it rather than in on_response_prepare: that signal does not
@@ -87,8 +121,10 @@ def create_app(settings: Settings, *, setup_broker: bool = True) -> web.Applicat
     app[KEY_CACHE] = KeyCache(settings.KEY_CACHE_SECONDS)
     app[ENDPOINTS] = ALL_ENDPOINTS
     app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_key_use)
     app.cleanup_ctx.append(_broker(setup_broker))
     app.cleanup_ctx.append(_sns_http)
     app.cleanup_ctx.append(_status_refresher)
     install(app, ALL_ENDPOINTS)
+    add_assets(app)
     return app

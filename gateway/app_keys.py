@@ -10,6 +10,7 @@ from shared.infra.broker import Broker
 from shared.infra.db import Database
 from shared.infra.settings import Settings
 from shared.keys.request_rates import KeyRates
+from shared.keys.usage import LastUse
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
@@ -18,3 +19,4 @@ KEY_CACHE = web.AppKey("key_cache", KeyCache)
 KEY_RATES = web.AppKey("key_rates", KeyRates)
 ENDPOINTS = web.AppKey("endpoints", list)
 SNS_HTTP = web.AppKey("sns_http", SnsHttp)
+KEY_USE = web.AppKey("key_use", LastUse)

@@ -44,6 +44,7 @@ class Endpoint:
     produces: str = "application/json"
     errors: tuple[int, ...] = ()
     query: dict[str, str] = field(default_factory=dict)  # name -> description (strings)
+    idempotent: bool = False  # takes an Idempotency-Key header (documented)
 
 
 def validation_message(exc: ValidationError) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from gateway.app_keys import DB, KEY_CACHE, KEY_RATES, SETTINGS
+from gateway.app_keys import DB, KEY_CACHE, KEY_RATES, KEY_USE, SETTINGS
 from gateway.auth import PRINCIPAL, Role, allowed, authenticate, bearer_token
 from gateway.endpoints import endpoint_of
 from gateway.errors import ApiError, SlowBody, as_original_status, error_response
@@ -133,6 +133,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         who = "the admin key" if role is Role.ADMIN else "a client API key"
         raise ApiError(403, f"this route needs {who}", "FORBIDDEN")
     if isinstance(principal, ApiKey):
+        request.app[KEY_USE].touch(principal.id)  # written every few seconds, not now
         await _within_rate(request.app[KEY_RATES], principal)
     request[PRINCIPAL] = principal
     return await handler(request)

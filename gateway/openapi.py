@@ -10,7 +10,9 @@ from pydantic import BaseModel
 from gateway.auth import Role
 from gateway.endpoints import Endpoint
 from gateway.forms import FORM_TYPE
+from gateway.webhooks import webhooks
 from schemas.common import ErrorBody
+from shared.keys.idempotency import KEY_PATTERN
 
 _REF = "#/components/schemas/{model}"
 # What a route answering any method is documented with.
@@ -37,6 +39,28 @@ def _schema(model: type[BaseModel], components: dict[str, Any], mode: str) -> di
     return {"$ref": _REF.format(model=model.__name__)}
 
 
+def _media(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
+    """A request body's media type: its schema and, where the model has one, its example
+    (what /docs fills "Try it out" with)."""
+    media: dict[str, Any] = {"schema": _schema(model, components, "validation")}
+    extra = model.model_config.get("json_schema_extra")
+    if isinstance(extra, dict) and isinstance(examples := extra.get("examples"), list):
+        media["example"] = examples[0]
+    return media
+
+
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "1-255 printable ASCII, scoped to the API key, case-sensitive: a retry with "
+    "the same key and body answers as the first request did and creates nothing; the same "
+    "key with another body is 409 IDEMPOTENCY_CONFLICT.",
+    "schema": {"type": "string", "pattern": KEY_PATTERN.pattern},
+    "example": "order-1234-expiry",
+}
+
+
 def _error(status: int) -> dict[str, Any]:
     return {
         "description": _STATUS_TEXT.get(status, "Error"),
@@ -49,14 +73,12 @@ def _request_content(endpoint: Endpoint, components: dict[str, Any]) -> dict[str
     the original's Express parser read them; some multipart forms too, without files."""
     content: dict[str, Any] = {}
     if endpoint.body is not None:
-        schema = _schema(endpoint.body, components, "validation")
-        content = {"application/json": {"schema": schema}, FORM_TYPE: {"schema": schema}}
+        media = _media(endpoint.body, components)
+        content = {"application/json": media, FORM_TYPE: media}
     if endpoint.form is not None:
-        content["multipart/form-data"] = {
-            "schema": _schema(endpoint.form, components, "validation")
-        }
+        content["multipart/form-data"] = _media(endpoint.form, components)
     if endpoint.urlencoded is not None:
-        content[FORM_TYPE] = {"schema": _schema(endpoint.urlencoded, components, "validation")}
+        content[FORM_TYPE] = _media(endpoint.urlencoded, components)
     return content
 
 
@@ -71,17 +93,20 @@ def _operation(endpoint: Endpoint, components: dict[str, Any]) -> dict[str, Any]
     content = _request_content(endpoint, components)
     if content:
         op["requestBody"] = {"required": True, "content": content}
-    if endpoint.query:
-        op["parameters"] = [
-            {
-                "name": n,
-                "in": "query",
-                "required": False,
-                "description": d,
-                "schema": {"type": "string"},
-            }
-            for n, d in endpoint.query.items()
-        ]
+    parameters = [
+        {
+            "name": n,
+            "in": "query",
+            "required": False,
+            "description": d,
+            "schema": {"type": "string"},
+        }
+        for n, d in endpoint.query.items()
+    ]
+    if endpoint.idempotent:
+        parameters.append(_IDEMPOTENCY_KEY)
+    if parameters:
+        op["parameters"] = parameters
     ok: dict[str, Any] = {"description": "Success"}
     if endpoint.response is not None:
         ok["content"] = {
@@ -89,15 +114,22 @@ def _operation(endpoint: Endpoint, components: dict[str, Any]) -> dict[str, Any]
         }
     elif endpoint.produces != "application/json":
         ok["content"] = {endpoint.produces: {"schema": {"type": "string"}}}
-    statuses = set(endpoint.errors)
+    op["responses"] = {"200": ok} | {str(s): _error(s) for s in _error_statuses(endpoint)}
+    return op
+
+
+def _error_statuses(endpoint: Endpoint) -> list[int]:
+    """What the route declares, and what every route of its kind may answer."""
+    statuses = set(endpoint.errors) | {503}
+    if endpoint.idempotent:
+        statuses |= {400, 409}
     if endpoint.body is not None or endpoint.form is not None:
         statuses |= {400, 413, 415, 422}
     if endpoint.role is not Role.NONE:
         statuses |= {401, 403}
     if endpoint.role in (Role.CLIENT, Role.ANY):
         statuses |= {429}  # client keys have a request rate
-    op["responses"] = {"200": ok} | {str(s): _error(s) for s in sorted(statuses | {503})}
-    return op
+    return sorted(statuses)
 
 
 def _methods(endpoint: Endpoint) -> tuple[str, ...]:
@@ -120,6 +152,7 @@ def build_document(endpoints: list[Endpoint], *, title: str, version: str) -> di
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
         "paths": paths,
+        "webhooks": webhooks(lambda model: _schema(model, components, "serialization")),
         "components": {
             "schemas": components,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

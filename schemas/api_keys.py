@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AnyHttpUrl, Field, field_serializer, field_validator, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
-from schemas.common import Body, Ok
+from schemas.common import Body, Ok, Page, clamp, example
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
 MAX_SENDERS = 100
@@ -71,6 +78,13 @@ class _KeyLimits(Body):
 
 
 class CreateKey(_KeyLimits):
+    model_config = example(
+        api_name="task_tracker_api_2",
+        return_api="http://api.server.com/task-tracking-2",
+        temporary=True,
+        duration="4d",
+    )
+
     api_name: str = Field(pattern=KEY_NAME_PATTERN, description="Unique name of the key")
     return_api: AnyHttpUrl = Field(description="Where this key's callbacks are POSTed")
     temporary: bool = False
@@ -94,6 +108,13 @@ class UpdateKey(_KeyLimits):
     """Only the fields given change; null clears (no expiry, any sender, the default rate).
     With none, nothing changes and the answer shows the key's settings (its key_id, say)."""
 
+    model_config = example(
+        api_name="task_tracker_api_2",
+        expiry="30d",
+        allowed_senders=["billing@example.com", "@notify.example.com"],
+        rate_limit_per_sec=50,
+    )
+
     api_name: str = Field(max_length=100, description="The key to change")
     return_api: AnyHttpUrl | None = Field(default=None, description="A new callback URL")
     expiry: str | None = Field(
@@ -112,6 +133,8 @@ class UpdateKey(_KeyLimits):
 
 
 class KeyName(Body):
+    model_config = example(api_name="task_tracker_api_2")
+
     api_name: str = Field(max_length=100)
 
 
@@ -149,6 +172,8 @@ class RotatedSecret(Ok):
 
 
 class DeleteKey(Body):
+    model_config = example(api_name="task_tracker_api_2")
+
     api_name: str | None = Field(default=None, max_length=100)
     api_key: str | None = Field(default=None, max_length=200)
 
@@ -160,6 +185,8 @@ class DeleteKey(Body):
 
 
 class VerifyToken(Body):
+    model_config = example(token="eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.e30.signature")  # noqa: S106 - a placeholder
+
     token: str = Field(min_length=1, max_length=8192)
 
 
@@ -169,3 +196,47 @@ class VerifiedToken(Ok):
 
 class Pong(Ok):
     message: Literal["pong"] = "pong"
+
+
+class ListKeys(Body):
+    model_config = example(page=1, limit=20)
+
+    page: Page = Field(1, description="Page number, from 1")
+    limit: Annotated[int, clamp(1, 100)] = Field(
+        20, description="Keys per page, 1-100 (a value outside is moved into the range)"
+    )
+
+
+class KeyCounts(BaseModel):
+    tasks: dict[str, int] = Field(description="The key's tasks by status")
+    emails: int = Field(description="Emails queued with the key, in all")
+    callbacks: dict[str, int] = Field(description="The key's callback deliveries by status")
+
+
+class KeySummary(BaseModel):
+    """A key as the admin sees it: never the key itself nor its webhook secret."""
+
+    api_name: str
+    key_id: str = Field(description="Stable public id: `sub` of this key's callback JWTs")
+    return_api: str
+    expire_date: datetime | None
+    allowed_senders: list[str] | None = Field(description=SENDERS_RULE)
+    rate_limit_per_sec: int | None = Field(description=RATE_RULE)
+    expired: bool
+    created_at: datetime
+    last_used_at: datetime | None = Field(
+        description="Its latest request, as gateways record it (every few seconds); null if "
+        "never used"
+    )
+    counts: KeyCounts
+
+    @field_serializer("expire_date", "created_at", "last_used_at")
+    def _iso(self, value: datetime | None) -> str | None:
+        return iso_utc(value)
+
+
+class KeyPage(Ok):
+    keys: list[KeySummary]
+    count: int = Field(description="Live keys, over every page")
+    page: int
+    total_pages: int

@@ -5,16 +5,24 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, Field, field_serializer, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from schemas.api_keys import iso_utc
-from schemas.common import Body, Ok, Page, clamp
+from schemas.common import Body, Ok, Page, clamp, example
 
 DeliveryStatus = Literal["PENDING", "SENDING", "DELIVERED", "FAILED", "GONE"]
 EVENT_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,40}$"
 
 
 class ListDeliveries(Body):
+    model_config = example(page=1, limit=20, status="FAILED")
+
     page: Page = Field(1, description="Page number, from 1")
     limit: Annotated[int, clamp(1, 100)] = Field(
         20, description="Deliveries per page, 1-100 (a value outside is moved into the range)"
@@ -23,11 +31,21 @@ class ListDeliveries(Body):
 
 
 class GetDelivery(Body):
+    model_config = example(event_id="Xq3vB8kR2mN5pL7tY9wZ")
+
+    event_id: str = Field(pattern=EVENT_ID_PATTERN)
+
+
+class RetryDelivery(Body):
+    model_config = example(event_id="Xq3vB8kR2mN5pL7tY9wZ")
+
     event_id: str = Field(pattern=EVENT_ID_PATTERN)
 
 
 class ReplayDeliveries(Body):
     """Either one event (any finished state), or every FAILED/GONE one created since a time."""
+
+    model_config = example(since="2024-10-01T00:00:00Z")
 
     event_id: str | None = Field(None, pattern=EVENT_ID_PATTERN)
     since: datetime | None = Field(
@@ -113,3 +131,10 @@ class Replayed(Ok):
     replayed: int
     event_ids: list[str]
     more: bool = Field(False, description="More matched than one call replays; call again")
+
+
+class RetriedDelivery(Ok):
+    event_id: str
+    previous_status: DeliveryStatus = Field(
+        description="PENDING (its wait was cut short), FAILED or GONE (its schedule restarts)"
+    )

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_serializer
 
 from schemas.api_keys import iso_utc
-from schemas.common import Body, Ok, Page, clamp
+from schemas.common import Body, Ok, Page, clamp, example
 
 EmailType = Literal["TRANSACTIONAL", "PROMOTIONAL"]
 EmailStatus = Literal["QUEUED", "PROCESSING", "SENT", "ERROR"]
@@ -29,6 +29,8 @@ class TemplateSaved(Ok):
 
 
 class ListTemplates(Body):
+    model_config = example(page=1, limit=20)
+
     page: Page = Field(1, description="Page number, from 1")
     limit: Annotated[int, clamp(5, 50)] = Field(
         5, description="Templates per page, 5-50 (a value outside is moved into the range)"
@@ -42,6 +44,8 @@ class TemplateList(Ok):
 
 
 class RemoveTemplate(Body):
+    model_config = example(fileName="welcome-email.html")
+
     fileName: str = Field(min_length=1, max_length=110, description="With or without .html")
 
 
@@ -51,6 +55,17 @@ class RemoveTemplate(Body):
 class EmailFields(BaseModel):
     """Text fields of `POST /server/email/add` (`template` or `text` required); urlencoded,
     `data` may also come as `data[NAME]=value` pairs."""
+
+    model_config = example(
+        shortName="Billing Team",
+        email="bob@example.org",
+        sendEmail="noreply@example.com",
+        replyEmail="support@example.com",
+        subject="Your balance",
+        data='{"NAME": "Bob", "BALANCE": "$345"}',
+        template="welcome-email",
+        type="TRANSACTIONAL",
+    )
 
     shortName: str = Field(max_length=998, description="The sender's display name")
     email: str = Field(max_length=320, description="Recipient")
@@ -79,10 +94,14 @@ class Queued(Ok):
 
 
 class FetchSpecific(Body):
+    model_config = example(email_ids=["f3Kq9ZbW1xYt7LmN2pR4"])
+
     email_ids: list[str] = Field(min_length=1, max_length=20)
 
 
 class FetchPage(Body):
+    model_config = example(page=1, amount=20)
+
     page: Page = Field(1, description="Page number, from 1")
     amount: Annotated[int, clamp(1, 50)] = Field(
         20, description="Records per page, 1-50 (a value outside is moved into the range)"
@@ -113,3 +132,45 @@ class EmailRecord(BaseModel):
 
 class EmailRecords(Ok):
     result: list[EmailRecord]
+
+
+# --- callbacks ----------------------------------------------------------------------------
+
+EmailEvent = Literal["PROCESSING", "SENT", "ERROR", "DELIVERED", "OPEN", "BOUNCE", "COMPLAINT"]
+
+
+class EmailData(BaseModel):
+    """The email a callback is about (the contract's `email_data`)."""
+
+    email: str = Field(description="Recipient")
+    send_email: str = Field(description="From address")
+    subject: str
+    data: dict[str, Any] = Field(description="The template values it was queued with")
+    open: bool = Field(description="Opened at least once (tracking pixel or SES Open event)")
+    attachments: int = Field(description="How many files it carries")
+
+
+class EmailError(BaseModel):
+    code: str = Field(description="SES's error code, or ours (SEND_UNCONFIRMED, ...)")
+    message: str
+
+
+class EmailCallbackData(BaseModel):
+    email_data: EmailData
+    aws_info: dict[str, Any] | None = Field(
+        None, description="Where it was sent: {transport: ses|outbox, region, configuration_set}"
+    )
+    aws_data: dict[str, Any] | None = Field(
+        None,
+        description="SENT: {MessageId, ...}; DELIVERED, OPEN, BOUNCE, COMPLAINT: the SES event",
+    )
+    error: EmailError | None = Field(None, description="ERROR: what went wrong")
+
+
+class EmailCallback(BaseModel):
+    """The JSON POSTed to the key's return_api when an email changes state (absent blocks are
+    left out, not null)."""
+
+    status: EmailEvent
+    email_id: str = Field(description="The queue_id from email/add")
+    data: EmailCallbackData

@@ -8,10 +8,12 @@ from typing import Annotated
 from pydantic import BaseModel, Field, field_serializer
 
 from schemas.api_keys import iso_utc
-from schemas.common import Body, Ok, Page, clamp
+from schemas.common import Body, Ok, Page, clamp, example
 
 
 class ListSuppressions(Body):
+    model_config = example(page=1, limit=20)
+
     page: Page = Field(1, description="Page number, from 1")
     limit: Annotated[int, clamp(1, 100)] = Field(
         20, description="Entries per page, 1-100 (a value outside is moved into the range)"
@@ -37,4 +39,6 @@ class SuppressionPage(Ok):
 
 
 class RemoveSuppression(Body):
+    model_config = example(email="bob@example.org")
+
     email: str = Field(min_length=3, max_length=320)

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from schemas.api_keys import iso_utc
-from schemas.common import FORM_CONTEXT, Body, JsonObject, Ok
+from schemas.common import FORM_CONTEXT, Body, JsonObject, Ok, clamp, example
 
 TaskStatus = Literal["PENDING", "EXPIRED", "REMOVED"]
 TaskEvent = Literal["ADD", "REMOVE", "EXPIRED"]
@@ -96,6 +96,10 @@ def _rfc_2822(text: str) -> datetime | None:
 
 
 class AddTask(Body):
+    model_config = example(
+        data={"hello": "world", "value": 1234567890}, expiryDate="2030-10-01T20:44:48.858Z"
+    )
+
     data: JsonObject = Field(
         description="A JSON object, sent back in every callback (urlencoded: data[key]=value, "
         "or the object as a JSON string)"
@@ -140,6 +144,8 @@ class AddTask(Body):
 
 
 class TaskRef(Body):
+    model_config = example(queue_id="328V32KoEOuy8zLs4pdP-RY8oh9-ep68NY786RsD")
+
     queue_id: str = Field(pattern=TASK_ID_PATTERN, description="The taskId from queue/add")
 
 
@@ -151,7 +157,9 @@ class RemovedTask(Ok):
     removed: Literal[True] = True
 
 
-class TaskState(Ok):
+class TaskView(BaseModel):
+    """One task as its key sees it (queue/get, queue/list)."""
+
     queue_id: str
     status: TaskStatus
     data: dict[str, Any]
@@ -163,6 +171,31 @@ class TaskState(Ok):
     @field_serializer("expire_date", "created_at", "expired_at", "removed_at")
     def _iso(self, value: datetime | None) -> str | None:
         return iso_utc(value)
+
+
+class TaskState(TaskView, Ok):
+    pass
+
+
+class ListTasks(Body):
+    model_config = example(status="PENDING", limit=20)
+
+    status: TaskStatus | None = Field(None, description="Only tasks in this state")
+    limit: Annotated[int, clamp(1, 100)] = Field(
+        20, description="Tasks per page, 1-100 (a value outside is moved into the range)"
+    )
+    cursor: str | None = Field(
+        None,
+        pattern=TASK_ID_PATTERN,
+        description="`next_cursor` of the previous page; absent for the first page",
+    )
+
+
+class TaskList(Ok):
+    tasks: list[TaskView] = Field(description="Newest first")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page"
+    )
 
 
 class TaskCallback(BaseModel):

@@ -663,3 +663,58 @@ async def test_replay_since_at_the_edge_of_the_date_range_is_422_not_500(
     )
     assert resp.status == 422, await resp.text()
     assert (await resp.json())["code"] == "VALIDATION"
+
+
+async def test_retry_sends_a_waiting_or_failed_delivery_now_and_leaves_a_held_one_alone(
+    client: Client, make_key: Any, receiver: Receiver, own_ctx: OwnCtx
+) -> None:
+    healthy = asyncio.Event()
+    receiver.respond("retry", lambda _, __: Answer(200 if healthy.is_set() else 500))
+    mine, other = await make_key(return_api=receiver.url("retry")), await make_key()
+    db = client.app[DB]
+    mine_id = await key_id(db, mine)
+    # One delivery waiting an hour for its second attempt, one given up on.
+    async with own_ctx(CALLBACK_RETRY_SCHEDULE=(0, 3600)) as ctx, running(ctx):
+        waiting = await send(ctx.db, ctx.broker, mine_id)
+        await until(lambda: _attempted(ctx.db, waiting))
+    async with own_ctx(CALLBACK_RETRY_SCHEDULE=(0,)) as ctx, running(ctx):
+        failed = await send(ctx.db, ctx.broker, mine_id)
+        await status_becomes(ctx.db, failed, "FAILED")
+    row = await event_row(db, waiting)
+    assert row["status"] == "PENDING" and row["schedule_step"] == 1
+
+    async def retry(event_id: str, key: dict[str, Any]) -> tuple[int, Any]:
+        resp = await client.post(
+            "/server/callbacks/retry", json={"event_id": event_id}, headers=key["headers"]
+        )
+        return resp.status, await resp.json()
+
+    assert (await retry(waiting, other))[0] == 404  # another key's event is not found
+    healthy.set()
+    status, body = await retry(waiting, mine)
+    assert (status, body) == (
+        200,
+        {"valid": True, "event_id": waiting, "previous_status": "PENDING"},
+    )
+    status, body = await retry(failed, mine)
+    assert status == 200 and body["previous_status"] == "FAILED"
+    for event_id in (waiting, failed):  # by the session's worker, not an hour later
+        await status_becomes(db, event_id, "DELIVERED")
+    status, body = await retry(waiting, mine)
+    assert status == 409 and body["code"] == "CALLBACK_DELIVERED"
+
+    # A worker holds this one (SENDING, leased): retry changes nothing and says so.
+    held = await record(db, mine_id)
+    await db.execute(
+        "UPDATE callback_events SET status = 'SENDING', attempts = 1, lease_token = 'worker',"
+        " next_attempt_at = UTC_TIMESTAMP(3) + INTERVAL 1 HOUR WHERE event_id = %s",
+        (held,),
+    )
+    before = await event_row(db, held)
+    status, body = await retry(held, mine)
+    assert status == 409 and body["code"] == "CALLBACK_IN_PROGRESS"
+    assert await event_row(db, held) == before
+
+
+async def _attempted(db: Database, event_id: str) -> bool:
+    return len(await attempts(db, event_id)) == 1

@@ -12,6 +12,7 @@ import configparser
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -380,6 +381,35 @@ def test_ses_emulator_is_moto_server(services: dict[str, Any]) -> None:
     assert args[0] == "moto_server"
     assert args[args.index("-p") + 1] == "5000"
     assert args[args.index("-H") + 1] == "0.0.0.0"
+
+
+def test_ses_emulator_verifies_the_stack_senders(tmp_path: Path) -> None:
+    """moto rejects unverified senders: the emulator's healthcheck verifies STACK_SES_SENDERS
+    (default example.com) in the app's region. Run here against a real moto server."""
+    ses_emulator = pytest.importorskip("ses_emulator")
+    env = {"STACK_SES_SENDERS": "example.com, ops@corp.test", "AWS_REGION": "eu-west-1"}
+    check = _load(env)["services"]["ses"]["healthcheck"]["test"]
+    assert check[:3] == ["CMD", "python3", "-c"]
+    assert _load({})["services"]["ses"]["healthcheck"]["test"][3].count('"example.com"') == 1
+    emulator = ses_emulator.SesEmulator.start_sync()
+    try:
+        script = check[3].replace("http://127.0.0.1:5000", emulator.moto_url)
+        ran = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+        assert ran.returncode == 0, ran.stderr
+        import boto3
+
+        ses = boto3.client(
+            "ses",
+            endpoint_url=emulator.moto_url,
+            region_name="eu-west-1",
+            aws_access_key_id="other",
+            aws_secret_access_key="other",
+        )
+        assert set(ses.list_identities()["Identities"]) == {"example.com", "ops@corp.test"}
+    finally:
+        emulator.stop()
 
 
 def test_bind_mounted_files_exist(compose: dict[str, Any]) -> None:

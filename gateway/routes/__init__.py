@@ -7,6 +7,7 @@ from gateway.routes import (
     admin,
     api_keys,
     callbacks,
+    dead_letters,
     emails,
     suppressions,
     system,
@@ -25,4 +26,5 @@ ENDPOINTS: list[Endpoint] = [
     *templates.table.endpoints,
     *emails.table.endpoints,
     *admin.table.endpoints,
+    *dead_letters.table.endpoints,
 ]

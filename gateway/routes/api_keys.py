@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
@@ -17,13 +18,17 @@ from schemas.api_keys import (
     CreateKey,
     DeleteKey,
     KeyName,
+    KeyPage,
+    KeySummary,
     KeyView,
+    ListKeys,
     RotatedSecret,
     UpdateKey,
     VerifiedToken,
     VerifyToken,
 )
 from schemas.common import Ok
+from shared import inventory
 from shared.callbacks.signing import unverified_subject, verify_callback_token
 from shared.infra.db import utcnow
 from shared.keys import apikeys, webhook_secrets
@@ -205,3 +210,27 @@ def _verified(token: str, keys: list[str | bytes]) -> dict[str, Any]:
         except jwt.InvalidTokenError as exc:
             raise bad_request(f"invalid token: {exc}", "TOKEN_INVALID") from exc
     raise bad_request(f"invalid token: {error}", "TOKEN_INVALID")
+
+
+@table.route(
+    "POST",
+    "/server/api/list",
+    role=Role.ADMIN,
+    body=ListKeys,
+    response=KeyPage,
+    summary="The live API keys by name: key_id, return_api, expiry, allowed_senders, "
+    "rate_limit_per_sec, creation, last use and counts of their tasks, emails and callbacks "
+    "(never a key or secret)",
+    tag=TAG,
+    errors=(422,),
+)
+async def list_keys(request: web.Request, body: ListKeys) -> KeyPage:
+    rows, total = await inventory.keys_with_counts(
+        request.app[DB], page=body.page, limit=body.limit
+    )
+    return KeyPage(
+        keys=[KeySummary.model_validate(row) for row in rows],
+        count=total,
+        page=body.page,
+        total_pages=math.ceil(total / body.limit),
+    )

@@ -24,9 +24,11 @@ from schemas.callbacks import (
     ListDeliveries,
     ReplayDeliveries,
     Replayed,
+    RetriedDelivery,
+    RetryDelivery,
 )
 from shared.callbacks import records
-from shared.callbacks.delivery import FINISHED
+from shared.callbacks.delivery import DELIVERED, FINISHED, SENDING
 from shared.callbacks.outbox import publish_events
 
 table = EndpointTable()
@@ -108,3 +110,29 @@ async def replay(request: web.Request, body: ReplayDeliveries) -> Replayed:
     # After the commit; a lost publish is re-sent by the reconciler (the rows are PENDING).
     await publish_events(request.app[BROKER], ids)
     return Replayed(replayed=len(ids), event_ids=ids, more=more)
+
+
+@table.route(
+    "POST",
+    "/server/callbacks/retry",
+    role=Role.CLIENT,
+    body=RetryDelivery,
+    response=RetriedDelivery,
+    summary="Send a PENDING, FAILED or GONE delivery now (409 if a worker is sending it or it "
+    "was delivered: replay sends a delivered one again)",
+    tag=TAG,
+    errors=(404, 409, 422),
+)
+async def retry(request: web.Request, body: RetryDelivery) -> RetriedDelivery:
+    before = await records.retry_now(request.app[DB], client_key(request).id, body.event_id)
+    if before is None:
+        raise not_found("no such callback event for this key", "CALLBACK_NOT_FOUND")
+    if before == SENDING:
+        raise ApiError(409, "a worker is sending this delivery now", "CALLBACK_IN_PROGRESS")
+    if before == DELIVERED:
+        raise ApiError(
+            409, "this delivery arrived; use replay to send it again", "CALLBACK_DELIVERED"
+        )
+    # After the commit; a lost publish is re-sent by the reconciler (the row is due now).
+    await publish_events(request.app[BROKER], [body.event_id])
+    return RetriedDelivery(event_id=body.event_id, previous_status=before)

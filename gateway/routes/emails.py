@@ -218,6 +218,7 @@ def _text(name: str, data: bytes) -> str:
     role=Role.CLIENT,
     form=EmailForm,
     urlencoded=EmailFields,
+    idempotent=True,
     response=Queued,
     summary="Queue an email (multipart, or urlencoded without attachments; optional "
     "Idempotency-Key header: a retry with the same key and body returns the same queue_id)",

@@ -10,7 +10,16 @@ from gateway.app_keys import BROKER, DB, SETTINGS
 from gateway.auth import Role, client_key
 from gateway.endpoints import EndpointTable
 from gateway.errors import ApiError
-from schemas.tasks import AddedTask, AddTask, RemovedTask, TaskRef, TaskState
+from schemas.tasks import (
+    AddedTask,
+    AddTask,
+    ListTasks,
+    RemovedTask,
+    TaskList,
+    TaskRef,
+    TaskState,
+    TaskView,
+)
 from shared.tasks import add, read, remove
 from shared.tasks.model import (
     BadIdempotencyKey,
@@ -56,6 +65,7 @@ def _api_error(exc: TaskError, **extra: Any) -> ApiError:
     role=Role.CLIENT,
     body=AddTask,
     response=AddedTask,
+    idempotent=True,
     summary="Add a task; it is called back at the key's return_api on ADD, EXPIRED and REMOVE "
     "(optional Idempotency-Key header: a retry with the same key and body returns the same "
     "taskId)",
@@ -123,12 +133,32 @@ async def get_task(request: web.Request, body: TaskRef) -> TaskState:
         )
     except TaskError as exc:
         raise _api_error(exc) from exc
-    return TaskState(
-        queue_id=task.task_id,
-        status=task.status,
-        data=task.data,
-        expire_date=task.expire_at,
-        created_at=task.created_at,
-        expired_at=task.expired_at,
-        removed_at=task.removed_at,
+    return TaskState(**task.as_record())
+
+
+@table.route(
+    "POST",
+    "/server/queue/list",
+    role=Role.CLIENT,
+    body=ListTasks,
+    response=TaskList,
+    summary="This key's tasks, newest first, optionally of one status; pages follow "
+    "`next_cursor` (400 `BAD_CURSOR` for a cursor that is not one of this key's tasks)",
+    tag=TAG,
+    errors=(400, 422),
+)
+async def list_tasks(request: web.Request, body: ListTasks) -> TaskList:
+    try:
+        tasks, more = await read.list_tasks(
+            request.app[DB],
+            key_id=client_key(request).id,
+            status=body.status,
+            limit=body.limit,
+            after=body.cursor,
+        )
+    except TaskNotFound as exc:
+        raise ApiError(400, str(exc), "BAD_CURSOR") from exc
+    return TaskList(
+        tasks=[TaskView(**task.as_record()) for task in tasks],
+        next_cursor=tasks[-1].task_id if more else None,
     )

@@ -61,16 +61,42 @@ async def replay(db: Database, api_key_id: int, event_id: str) -> str | None:
     Only finished events are replayed (a PENDING or SENDING one is already on its way).
     """
     async with db.transaction() as cur:
-        await cur.execute(
-            "SELECT status FROM callback_events WHERE event_id = %s AND api_key_id = %s FOR UPDATE",
-            (event_id, api_key_id),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            return None
-        if row["status"] in FINISHED:
+        status = await _locked_status(cur, api_key_id, event_id)
+        if status in FINISHED:
             await _restart(cur, [event_id])
-        return str(row["status"])
+        return status
+
+
+async def retry_now(db: Database, api_key_id: int, event_id: str) -> str | None:
+    """Make one of this key's undelivered events due now; returns its status before (None if
+    not found). PENDING keeps its place in the schedule (only the wait is cut short), FAILED
+    and GONE start it again; SENDING (a worker holds it) and DELIVERED are left as they are.
+
+    The row is locked while it is read and changed, and a worker's claim is itself conditional
+    on the row being due: of this change and a claim, one happens first, and an event is never
+    POSTed twice at once.
+    """
+    async with db.transaction() as cur:
+        status = await _locked_status(cur, api_key_id, event_id)
+        if status == PENDING:
+            await cur.execute(
+                "UPDATE callback_events SET next_attempt_at = UTC_TIMESTAMP(3)"
+                " WHERE event_id = %s AND status = %s",
+                (event_id, PENDING),
+            )
+        elif status in UNDELIVERED:
+            await _restart(cur, [event_id])
+        return status
+
+
+async def _locked_status(cur: aiomysql.Cursor, api_key_id: int, event_id: str) -> str | None:
+    """The status of one of this key's events, its row locked until the transaction ends."""
+    await cur.execute(
+        "SELECT status FROM callback_events WHERE event_id = %s AND api_key_id = %s FOR UPDATE",
+        (event_id, api_key_id),
+    )
+    row = await cur.fetchone()
+    return None if row is None else str(row["status"])
 
 
 async def replay_since(
@@ -101,4 +127,24 @@ async def _restart(cur: aiomysql.Cursor, event_ids: Sequence[str]) -> None:
         " SET status = %s, schedule_step = 0, delivered_at = NULL,"
         f" next_attempt_at = UTC_TIMESTAMP(3) WHERE event_id IN ({marks})",
         (PENDING, *event_ids),
+    )
+
+
+async def list_recent(
+    db: Database, *, api_key_id: int | None, statuses: Sequence[str] | None, limit: int
+) -> list[Row]:
+    """The newest deliveries (one key's, or every key's), optionally only in `statuses`, with
+    their key id: the operator's view (`queue-server callbacks list`)."""
+    where = "TRUE"
+    args: list[object] = []
+    if api_key_id is not None:
+        where += " AND api_key_id = %s"
+        args.append(api_key_id)
+    if statuses:
+        where += f" AND status IN ({', '.join(['%s'] * len(statuses))})"
+        args += statuses
+    return await db.fetchall(
+        f"SELECT api_key_id, {_SUMMARY_COLUMNS} FROM callback_events WHERE {where}"  # noqa: S608 - placeholders
+        " ORDER BY id DESC LIMIT %s",
+        [*args, limit],
     )

@@ -16,6 +16,7 @@ pixel's legacy period), never written.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -132,5 +133,12 @@ def new_webhook_secret() -> str:
 
 
 def secret_bytes(secret: str) -> bytes:
-    """The key bytes of a `whsec_…` secret (what both signatures use)."""
-    return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+    """The key bytes of a `whsec_…` secret (what both signatures use); ValueError if it is not
+    `whsec_` followed by base64."""
+    try:
+        raw = base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
+    except binascii.Error:
+        raw = b""
+    if not raw:
+        raise ValueError("a webhook secret is whsec_ followed by base64")
+    return raw

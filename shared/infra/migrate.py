@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 
 import aiomysql
+import pymysql
 import structlog
 
 from shared.infra.db import connect_kwargs
@@ -90,6 +92,46 @@ async def migrate(settings: Settings) -> list[str]:
     finally:
         conn.close()
     return applied
+
+
+@dataclass(frozen=True)
+class MigrationState:
+    """One migration file and what the database says of it."""
+
+    migration: Migration
+    applied_at: datetime | None  # None: pending
+    changed: bool  # applied, but the file differs from what was applied
+
+
+_UNKNOWN_DATABASE = 1049
+_NO_SUCH_TABLE = 1146
+
+
+async def migration_status(settings: Settings) -> list[MigrationState]:
+    """Every migration file, in order, with when it was applied (a missing database or
+    bookkeeping table means none was). Changes nothing."""
+    applied: dict[int, tuple[datetime, str]] = {}
+    try:
+        conn = await aiomysql.connect(**connect_kwargs(settings))
+    except pymysql.err.OperationalError as exc:
+        if not exc.args or exc.args[0] != _UNKNOWN_DATABASE:
+            raise
+    else:
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute("SELECT version, applied_at, checksum FROM schema_migrations")
+                applied = {int(v): (at, c) for v, at, c in await cur.fetchall()}
+        except pymysql.err.ProgrammingError as exc:
+            if not exc.args or exc.args[0] != _NO_SUCH_TABLE:
+                raise
+        finally:
+            conn.close()
+    states = []
+    for migration in load_migrations():
+        at, checksum = applied.get(migration.version, (None, None))
+        changed = checksum is not None and checksum != migration.checksum
+        states.append(MigrationState(migration, at, changed))
+    return states
 
 
 async def _apply_pending(cur: aiomysql.Cursor) -> list[str]:

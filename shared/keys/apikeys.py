@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,7 +19,7 @@ import aiomysql
 import pymysql
 
 from shared.infra import crypto, ids
-from shared.infra.db import Database, Row, utcnow
+from shared.infra.db import Database, Row, placeholders, utcnow
 
 
 class KeyNameTaken(Exception):
@@ -72,8 +72,11 @@ def new_public_id() -> str:
     return "key_" + secrets.token_hex(12)
 
 
+def _senders_from_json(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(json.loads(text))
+
+
 def from_row(row: Row) -> ApiKey:
-    senders = row["allowed_senders"]
     return ApiKey(
         id=row["id"],
         public_id=row["public_id"],
@@ -81,7 +84,7 @@ def from_row(row: Row) -> ApiKey:
         return_api=row["return_api"],
         expire_date=row["expire_date"],
         key_tail=row["key_tail"],
-        allowed_senders=None if senders is None else tuple(json.loads(senders)),
+        allowed_senders=_senders_from_json(row["allowed_senders"]),
         rate_limit_per_sec=row["rate_limit_per_sec"],
     )
 
@@ -204,3 +207,40 @@ async def find_active_key(db: Database, plaintext: str) -> ApiKey | None:
         return None
     key = from_row(row)
     return None if key.is_expired(utcnow()) else key
+
+
+async def find_key_by_name(db: Database, api_name: str) -> ApiKey | None:
+    """The live (not deleted) key of this name, expired or not."""
+    row = await db.fetchone(
+        "SELECT * FROM api_keys WHERE api_name = %s AND deleted_at IS NULL", (api_name,)
+    )
+    return None if row is None else from_row(row)
+
+
+async def list_keys(db: Database, *, offset: int, limit: int) -> tuple[list[Row], int]:
+    """A page of live keys by name (never a key or secret), and how many there are in all.
+
+    Rows: id, key_id (the public id), api_name, return_api, expire_date, created_at, last_used_at,
+    allowed_senders (a tuple, or None: any sender), rate_limit_per_sec.
+    """
+    total = await db.fetchone("SELECT COUNT(*) AS n FROM api_keys WHERE deleted_at IS NULL")
+    rows = await db.fetchall(
+        "SELECT id, public_id AS key_id, api_name, return_api, expire_date, created_at,"
+        " last_used_at, allowed_senders, rate_limit_per_sec FROM api_keys"
+        " WHERE deleted_at IS NULL ORDER BY api_name LIMIT %s OFFSET %s",
+        (limit, offset),
+    )
+    keys = [{**row, "allowed_senders": _senders_from_json(row["allowed_senders"])} for row in rows]
+    return keys, int(total["n"]) if total else 0
+
+
+async def key_names(db: Database, key_ids: Collection[int]) -> dict[int, str]:
+    """Names of keys by id, deleted ones under the name they had."""
+    if not key_ids:
+        return {}
+    rows = await db.fetchall(
+        "SELECT id, COALESCE(api_name, deleted_name) AS name FROM api_keys"  # noqa: S608 - placeholders
+        f" WHERE id IN ({placeholders(len(key_ids))})",
+        list(key_ids),
+    )
+    return {row["id"]: row["name"] for row in rows}

@@ -76,6 +76,18 @@ class Task:
     expired_at: datetime | None
     removed_at: datetime | None
 
+    def as_record(self) -> dict[str, Any]:
+        """The task under the contract's field names (queue/get, queue/list)."""
+        return {
+            "queue_id": self.task_id,
+            "status": self.status,
+            "data": self.data,
+            "expire_date": self.expire_at,
+            "created_at": self.created_at,
+            "expired_at": self.expired_at,
+            "removed_at": self.removed_at,
+        }
+
 
 @dataclass(frozen=True)
 class Added:
