@@ -1,22 +1,18 @@
 """Queueing emails and reading their records (contract sections "Send an email", "Email Records").
 
-Multipart bodies are read with aiohttp's streaming reader, part by part, each part capped as it
-arrives: nothing is buffered beyond MAX_UPLOAD_SIZE for the whole request, and a text field
-cannot be larger than its own small cap.
+The form is read by `gateway/forms.py`: every part capped as it arrives, a text field to its
+own small cap below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
-
-from aiohttp import BodyPartReader, hdrs, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 
 from gateway.app_keys import BROKER, DB, SETTINGS
 from gateway.auth import Role, client_key
 from gateway.endpoints import EndpointTable
 from gateway.errors import ApiError
+from gateway.forms import read_form
 from schemas.emails import (
     EmailForm,
     EmailRecord,
@@ -34,10 +30,6 @@ from shared.email.validation import new_email
 table = EndpointTable()
 TAG = "Email"
 
-# Room for multipart framing (boundaries, part headers) on top of the payload limit.
-FRAMING_BYTES = 64 * 1024
-_READ_CHUNK = 64 * 1024
-_IDENTITY_ENCODINGS = frozenset({"", "identity", "binary", "7bit", "8bit"})
 # Per-field caps in bytes (UTF-8: a character takes up to 4).
 _FIELD_BYTES = {
     "shortName": 4 * 998,
@@ -49,97 +41,6 @@ _FIELD_BYTES = {
     "template": 256,
     "type": 32,
 }
-
-
-@dataclass(frozen=True)
-class FilePart:
-    name: str
-    filename: str
-    content_type: str
-    data: bytes
-
-
-def _too_large(limit: int, what: str = "request") -> ApiError:
-    return ApiError(413, f"{what} larger than {limit} bytes", "TOO_LARGE")
-
-
-async def _read_capped(part: BodyPartReader, limit: int, error: ApiError) -> bytes:
-    buffer = bytearray()
-    while chunk := await part.read_chunk(_READ_CHUNK):
-        buffer += chunk
-        if len(buffer) > limit:
-            raise error
-    return bytes(buffer)
-
-
-def _check_encoding(part: BodyPartReader) -> None:
-    # Decoding gzip/deflate parts would let a small upload expand past every cap.
-    transfer = part.headers.get(hdrs.CONTENT_TRANSFER_ENCODING, "").strip().lower()
-    encoding = part.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
-    if transfer not in _IDENTITY_ENCODINGS or encoding not in _IDENTITY_ENCODINGS:
-        raise ApiError(415, "encoded multipart parts are not supported", "UNSUPPORTED_MEDIA_TYPE")
-
-
-async def read_form(
-    request: web.Request,
-    *,
-    text_limits: Mapping[str, int],
-    file_fields: Collection[str],
-    max_files: int,
-    max_total: int,
-) -> tuple[dict[str, str], list[FilePart]]:
-    """Text fields and files of a multipart/form-data body, every part size-capped."""
-    if request.content_type != "multipart/form-data":
-        raise ApiError(415, "send the body as multipart/form-data", "UNSUPPORTED_MEDIA_TYPE")
-    if request.content_length is not None and request.content_length > max_total + FRAMING_BYTES:
-        raise _too_large(max_total)
-    try:
-        return await _read_parts(request, text_limits, file_fields, max_files, max_total)
-    except (HttpProcessingError, ValueError, AssertionError, LookupError, EOFError) as exc:
-        raise ApiError(400, "malformed multipart body", "MALFORMED_MULTIPART") from exc
-
-
-async def _read_parts(
-    request: web.Request,
-    text_limits: Mapping[str, int],
-    file_fields: Collection[str],
-    max_files: int,
-    max_total: int,
-) -> tuple[dict[str, str], list[FilePart]]:
-    reader = await request.multipart()
-    fields: dict[str, str] = {}
-    files: list[FilePart] = []
-    total = 0
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader) or not part.name:
-            raise ApiError(400, "every part needs a field name (no nested multipart)", "BAD_FORM")
-        _check_encoding(part)
-        room = max_total - total
-        if part.name in file_fields:
-            if len(files) >= max_files:
-                raise ApiError(400, f"at most {max_files} files", "TOO_MANY_FILES")
-            data = await _read_capped(part, room, _too_large(max_total))
-            ctype = part.headers.get(hdrs.CONTENT_TYPE, "application/octet-stream")
-            files.append(FilePart(part.name, part.filename or "", ctype, data))
-        elif part.name in text_limits:
-            if part.name in fields:
-                raise ApiError(400, f"{part.name}: given more than once", "BAD_FORM")
-            limit = text_limits[part.name]
-            data = await _read_capped(
-                part, min(limit, room), _too_large(min(limit, room), part.name)
-            )
-            fields[part.name] = _text(part.name, data)
-        else:
-            raise ApiError(400, f"unknown field {part.name[:50]!r}", "UNKNOWN_FIELD")
-        total += len(data)
-    return fields, files
-
-
-def _text(name: str, data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiError(400, f"{name}: not UTF-8 text", "BAD_FORM") from exc
 
 
 @table.route(
