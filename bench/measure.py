@@ -37,6 +37,23 @@ def pids_of(name: str) -> list[int]:
     return found
 
 
+def supervised(name: str, pid: int) -> dict[str, int]:
+    """The processes doing a `queue-server` command's work: the children of a supervisor
+    (`run`, `gateway --processes N`) by their --process-name, else the process itself."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if parent == pid and b"--process-name" in argv:
+            found[argv[argv.index(b"--process-name") + 1].decode()] = int(entry.name)
+    return found or {name: pid}
+
+
 class CpuMeter:
     """CPU seconds of named processes (plus MariaDB and RabbitMQ) between start() and report(),
     as % of one core."""

@@ -1,4 +1,4 @@
-"""Benchmark: CPU to parse one `email/add` form (9 text fields, one 1 kB file) per parser.
+"""Benchmark: CPU to parse one `email/add` form (8 text fields, one 1 kB file) per parser.
 
 Pure CPU in this process, no server: each arm turns the same bytes into the same fields and
 file, one form at a time, and the script prints µs per form (best of --repeat rounds).
@@ -8,8 +8,9 @@ file, one form at a time, and the script prints µs per form (best of --repeat r
 - `gateway`: the gateway's `read_form` (`gateway/forms.py`), on a stand-in request.
 - `python-multipart`, `multipart`, `streaming-form-data`: the candidates, each with the least
   code that yields the same result (install them to compare: `pip install python-multipart
-  multipart streaming-form-data`; those missing are skipped). `multipart` and
-  `python-multipart` both install a top-level `multipart`: the first is loaded by path.
+  streaming-form-data`; those missing are skipped). `multipart` and `python-multipart` both
+  install a top-level `multipart` (python-multipart's a shim that hides the other): `multipart`
+  is loaded by path here, and the `gateway` arm fails while python-multipart is installed.
 
     .venv/bin/python bench/multipart_parse.py
     .venv/bin/python bench/multipart_parse.py --size 102400 --number 500
@@ -20,53 +21,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import sys
 import sysconfig
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, hdrs
 from aiohttp.base_protocol import BaseProtocol
+from email_common import FORM_FIELDS, form_bytes
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+FIELDS = {**FORM_FIELDS, "template": ""}
 
-FIELDS = {
-    "shortName": "Bench",
-    "email": "user@example.org",
-    "sendEmail": "noreply@example.com",
-    "replyEmail": "support@example.com",
-    "subject": "Your statement for December",
-    "data": '{"NAME": "Bob", "AMOUNT": "12.50", "ITEMS": ["a", "b", "c"]}',
-    "text": "Hello {{-NAME-}}, your statement is attached. " * 8,
-    "type": "transactional",
-    "template": "",
-}
 Result = tuple[dict[str, str], list[tuple[str, str, bytes]]]
-
-
-async def form_bytes(size: int) -> tuple[bytes, str]:
-    """The form as aiohttp's client encodes it (as the benchmark driver sends it)."""
-    form = aiohttp.FormData()
-    for name, value in FIELDS.items():
-        if value:
-            form.add_field(name, value)
-    form.add_field("files", b"%" * size, filename="statement.pdf", content_type="application/pdf")
-    payload = form()
-
-    class Sink:
-        def __init__(self) -> None:
-            self.data = bytearray()
-
-        async def write(self, chunk: bytes) -> None:
-            self.data += chunk
-
-    sink = Sink()
-    await payload.write(sink)
-    return bytes(sink.data), payload.content_type
 
 
 def _stream(body: bytes) -> StreamReader:
