@@ -89,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
         )
         _child_options(p)
     sub.choices["run"].add_argument(
+        "--callbacks-processes",
+        type=_processes,
+        default=cores(),
+        metavar="N",
+        help="processes of the callbacks worker (default: one per core, here %(default)s)",
+    )
+    sub.choices["run"].add_argument(
         "--single-process",
         action="store_true",
         help="the gateway and every worker in this one process (tiny installs, one core)",
@@ -197,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if supervising:
         children = gateway_children(args.processes)
         if args.command == "run":
-            children += worker_children()
+            children += worker_children(callbacks=args.callbacks_processes)
         _supervise(settings, children, migrate=not args.no_migrate, setup=not args.no_setup_broker)
     elif args.command in ("run", "gateway"):
         _serve_http(

@@ -29,7 +29,10 @@ import structlog
 log = structlog.get_logger("supervisor")
 
 # How the workers of `run` are grouped into processes: one process per busy worker; the two
-# that are idle most of the time share one (bench/RESULTS.md, 2026-12-05).
+# that are idle most of the time share one. `callbacks` runs in `--callbacks-processes`
+# processes (one per core by default): a POST costs it ~0.3 ms of CPU, and delivering an expiry
+# storm's callbacks is the most CPU the service ever needs at once (bench/RESULTS.md,
+# 2026-12-05).
 WORKER_GROUPS: tuple[tuple[str, ...], ...] = (
     ("expiry",),
     ("callbacks",),
@@ -74,8 +77,15 @@ def gateway_children(count: int) -> list[Child]:
     ]
 
 
-def worker_children(groups: Sequence[Sequence[str]] = WORKER_GROUPS) -> list[Child]:
-    return [Child("worker-" + "+".join(names), ("worker", *names)) for names in groups]
+def worker_children(callbacks: int = 1) -> list[Child]:
+    """The workers of `run`: WORKER_GROUPS, the `callbacks` process `callbacks` times."""
+    children = []
+    for names in WORKER_GROUPS:
+        copies = callbacks if names == ("callbacks",) else 1
+        for n in range(1, copies + 1):
+            suffix = f"-{n}" if copies > 1 else ""
+            children.append(Child("worker-" + "+".join(names) + suffix, ("worker", *names)))
+    return children
 
 
 def check_port_free(host: str, port: int) -> None:

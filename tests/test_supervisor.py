@@ -22,11 +22,13 @@ from receiver import Receiver
 from ses_emulator import free_port
 
 EXE = str(Path(sys.executable).parent / "queue-server")
+RUN = ["run", "--processes", "2", "--callbacks-processes", "2"]
 RUN_CHILDREN = {
     "gateway-1",
     "gateway-2",
     "worker-expiry",
-    "worker-callbacks",
+    "worker-callbacks-1",
+    "worker-callbacks-2",
     "worker-email",
     "worker-reconciler+ses-events",
 }
@@ -135,7 +137,7 @@ def _pid_alive(pid: int) -> bool:
 async def test_run_supervises_every_component_and_stops_them_all_on_sigterm(
     own_env: dict[str, str], tmp_path: Path
 ) -> None:
-    tree = Tree(own_env, ["run", "--processes", "2"], tmp_path)
+    tree = Tree(own_env, RUN, tmp_path)
     try:
         await _healthy(tree)
         pids = await _wait_children(tree, RUN_CHILDREN)
@@ -185,19 +187,17 @@ async def _expire_one_task(tree: Tree, env: dict[str, str], receiver: Receiver) 
 
 
 async def test_a_killed_child_is_restarted(own_env: dict[str, str], tmp_path: Path) -> None:
-    tree = Tree(own_env, ["run", "--processes", "2"], tmp_path)
+    tree = Tree(own_env, RUN, tmp_path)
     try:
         await _healthy(tree)
         before = await _wait_children(tree, RUN_CHILDREN)
-        killed = ("gateway-1", "worker-callbacks")
+        killed = ("gateway-1", "worker-callbacks-1")
         for name in killed:
             os.kill(before[name], signal.SIGKILL)
 
         async def back() -> bool:
             now = tree.children()
-            return all(
-                now.get(n) not in (None, before[n]) for n in ("gateway-1", "worker-callbacks")
-            )
+            return all(now.get(n) not in (None, before[n]) for n in killed)
 
         await eventually(back, 60, "the killed children to come back")
         assert tree.children()["worker-expiry"] == before["worker-expiry"]  # the others stay
@@ -211,7 +211,7 @@ async def test_a_killed_child_is_restarted(own_env: dict[str, str], tmp_path: Pa
     died = [line for line in tree.lines() if line["event"] == "child.died"]
     assert {(line["child"], line["signal"]) for line in died} == {
         ("gateway-1", "SIGKILL"),
-        ("worker-callbacks", "SIGKILL"),
+        ("worker-callbacks-1", "SIGKILL"),
     }
     assert all(line["restart_in_s"] > 0 for line in died)
 
@@ -239,16 +239,19 @@ def _socket_inodes(pid: int) -> set[str]:
     return found
 
 
+async def _both_listen(tree: Tree) -> None:
+    async def listening() -> bool:
+        return len(_listening_inodes(tree.port)) == 2
+
+    await eventually(listening, 60, "both gateways to listen")
+
+
 async def test_gateway_processes_share_one_port(own_env: dict[str, str], tmp_path: Path) -> None:
     tree = Tree(own_env, ["gateway", "--processes", "2"], tmp_path)
     try:
         await _healthy(tree)
         pids = await _wait_children(tree, {"gateway-1", "gateway-2"})
-
-        async def both_listen() -> bool:  # two sockets on one port (SO_REUSEPORT) ...
-            return len(_listening_inodes(tree.port)) == 2
-
-        await eventually(both_listen, 60, "both gateways to listen")
+        await _both_listen(tree)  # two sockets on one port (SO_REUSEPORT) ...
         listening = _listening_inodes(tree.port)
         for pid in pids.values():  # ... one in each process
             assert len(_socket_inodes(pid) & listening) == 1
@@ -274,6 +277,7 @@ async def test_children_stop_when_the_supervisor_is_killed(
     try:
         await _healthy(tree)
         pids = await _wait_children(tree, {"gateway-1", "gateway-2"})
+        await _both_listen(tree)  # both started: a child killed while starting logs nothing
         tree.proc.kill()
         tree.proc.wait(10)
 
