@@ -287,11 +287,9 @@ async def test_children_stop_when_the_supervisor_is_killed(
         await eventually(gone, 30, "the orphaned gateways to stop")
     finally:
         tree.stop()
-    # They stopped gracefully (SIGTERM from the kernel), not killed.
-    assert [line["signal"] for line in tree.lines() if line["event"] == "shutdown.signal"] == [
-        "SIGTERM",
-        "SIGTERM",
-    ]
+    # They were told to stop (SIGTERM from the kernel), not killed.
+    signals = [line["signal"] for line in tree.lines() if line["event"] == "shutdown.signal"]
+    assert signals and set(signals) == {"SIGTERM"}, tree.log_path.read_text()
 
 
 def test_a_port_in_use_stops_the_supervisor_with_one_line(
