@@ -15,6 +15,7 @@ from aiohttp import StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.test_utils import TestClient, make_mocked_request
 from conftest import KeyFactory, db_rows
+from test_hostile import EMAIL_FIELDS as FIELDS
 
 from gateway.errors import ApiError
 from gateway.forms import MAX_HEADER_BYTES, MAX_HEADERS, MAX_PARTS, read_form
@@ -22,14 +23,6 @@ from shared.infra.settings import Settings
 
 Client = TestClient[web.Request, web.Application]
 
-FIELDS = {
-    "shortName": "Billing Team",
-    "email": "bob@example.org",
-    "sendEmail": "noreply@example.com",
-    "replyEmail": "support@example.com",
-    "subject": "Your balance",
-    "text": "Hello",
-}
 # Bytes a naive parser could take for framing: CRLFs, dashes, a boundary's first bytes.
 AWKWARD = b"%PDF-1.4\r\n--\r\n\r\n--b\r--bx\n\r\n-" + os.urandom(200_000) + b"\r\n--\r\n%%EOF"
 

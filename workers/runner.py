@@ -49,18 +49,15 @@ def stop_signal() -> asyncio.Event:
     return stop
 
 
-async def wait_for_stop_signal() -> None:
-    await stop_signal().wait()
-
-
 async def serve_workers(settings: Settings, names: Sequence[str]) -> None:
-    """`queue-server worker NAME…`: own MySQL pool and broker connection, until SIGTERM/SIGINT."""
-    async with open_database(settings) as db, open_broker(settings) as broker:
-        await _serve(Context(settings, db, broker), names)
-
-
-async def _serve(ctx: Context, names: Sequence[str]) -> None:
-    async with running(ctx, names):
+    """`queue-server worker NAME…`: own MySQL pool and broker connection, until SIGTERM/SIGINT
+    (one that comes while they start stops them once started)."""
+    stopped = stop_signal()
+    async with (
+        open_database(settings) as db,
+        open_broker(settings) as broker,
+        running(Context(settings, db, broker), names),
+    ):
         freeze_startup_objects()
         log.info("workers.running", workers=list(names))
-        await wait_for_stop_signal()
+        await stopped.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aiomysql
@@ -35,7 +36,14 @@ from shared.email.validation import check_idempotency_key, check_renderable
 from shared.infra import metrics
 from shared.infra.batching import BatcherPerOwner
 from shared.infra.broker import Broker, publish_all
-from shared.infra.db import Database, DatabaseUnavailable, Row, rerun_if_rolled_back, utcnow
+from shared.infra.db import (
+    Database,
+    DatabaseUnavailable,
+    Row,
+    rerun_if_rolled_back,
+    utcnow,
+    write_in_halves,
+)
 from shared.infra.ids import new_record_id
 
 log = structlog.get_logger(__name__)
@@ -131,23 +139,15 @@ _adds: BatcherPerOwner[Database, _Pending, Queued] = BatcherPerOwner(
 
 
 async def _store_each(db: Database, batch: list[_Pending]) -> list[_Stored | BaseException]:
-    """Store a batch in one transaction, or find each email's own outcome: never raises.
+    """Store a batch in one transaction, or find each email's own outcome: never raises (a
+    reused Idempotency-Key, or anything else one email can cause, reaches only its request)."""
 
-    When the batch fails for any reason but MySQL being unreachable, it rolls back and each
-    half is stored on its own, down to the email that fails: the others commit, and only its
-    request sees the error (a duplicate Idempotency-Key, or anything else one email can cause).
-    """
-    try:
-        return await rerun_if_rolled_back(lambda: _store_checked(db, batch))
-    except Exception as exc:
-        if isinstance(exc, DatabaseUnavailable):
-            return [exc] * len(batch)  # every request answers 503
-        if len(batch) > 1:
-            half = len(batch) // 2
-            return [*await _store_each(db, batch[:half]), *await _store_each(db, batch[half:])]
-        if isinstance(exc, pymysql.err.IntegrityError):
-            return [await _stored_before(db, batch[0], exc)]
-        return [exc]
+    async def alone(pending: _Pending, error: Exception) -> _Stored | BaseException:
+        if isinstance(error, pymysql.err.IntegrityError):
+            return await _stored_before(db, pending, error)
+        return error
+
+    return await write_in_halves(partial(_store_checked, db), batch, alone)
 
 
 async def _store_checked(db: Database, batch: list[_Pending]) -> list[_Stored | BaseException]:

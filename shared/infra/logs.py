@@ -68,7 +68,10 @@ def configure_logging(settings: Settings, *, process: str | None = None) -> None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write() per line (PrintLogger's print() makes two when stderr is unbuffered, as
+        # with PYTHONUNBUFFERED=1): the processes of `run` share one stream, and their lines
+        # must not interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(
