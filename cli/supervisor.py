@@ -125,7 +125,10 @@ def _command(child: Child) -> list[str]:
 
 def _describe(code: int) -> dict[str, object]:
     if code < 0:
-        return {"signal": signal.Signals(-code).name}
+        try:
+            return {"signal": signal.Signals(-code).name}
+        except ValueError:
+            return {"signal": -code}
     return {"exit_code": code}
 
 
@@ -165,32 +168,35 @@ class Supervisor:
         failures = 0
         while not self.stopping.is_set():
             started = loop.time()
-            proc = await asyncio.create_subprocess_exec(
-                *_command(child),
-                env={**os.environ, **child.env},
-                # Its own process group: a terminal's Ctrl-C reaches the supervisor only, and
-                # every child gets exactly one SIGTERM from it.
-                process_group=0,
-            )
-            self.procs[child.name] = proc
-            if self.stopping.is_set():  # the stop came while it was being started
-                _signal(proc, signal.SIGTERM)
-            log.info("child.started", child=child.name, pid=proc.pid)
-            code = await proc.wait()
+            try:
+                ended = await self._run_once(child)
+            except OSError as exc:  # could not even start it (out of processes or memory)
+                ended = {"error": str(exc)}
             if self.stopping.is_set():
-                log.info("child.stopped", child=child.name, pid=proc.pid, **_describe(code))
                 return
             failures = 1 if loop.time() - started >= STABLE_AFTER_S else failures + 1
             delay = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (failures - 1))
-            log.error(
-                "child.died",
-                child=child.name,
-                pid=proc.pid,
-                restart_in_s=delay,
-                **_describe(code),
-            )
+            log.error("child.died", child=child.name, restart_in_s=delay, **ended)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
+
+    async def _run_once(self, child: Child) -> dict[str, object]:
+        """Start the child and wait for it to end; how it ended (its pid, code or signal)."""
+        proc = await asyncio.create_subprocess_exec(
+            *_command(child),
+            env={**os.environ, **child.env},
+            # Its own process group: a terminal's Ctrl-C reaches the supervisor only, and
+            # every child gets exactly one SIGTERM from it.
+            process_group=0,
+        )
+        self.procs[child.name] = proc
+        if self.stopping.is_set():  # the stop came while it was being started
+            _signal(proc, signal.SIGTERM)
+        log.info("child.started", child=child.name, pid=proc.pid)
+        ended = {"pid": proc.pid, **_describe(await proc.wait())}
+        if self.stopping.is_set():
+            log.info("child.stopped", child=child.name, **ended)
+        return ended
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
