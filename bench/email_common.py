@@ -39,12 +39,50 @@ from shared.infra.migrate import migrate  # noqa: E402
 from shared.infra.settings import Settings  # noqa: E402
 from shared.keys import apikeys  # noqa: E402
 
-__all__ = ["SENDER", "EmailBench", "bench_stack", "max_in_window", "percentile"]
+__all__ = ["SENDER", "EmailBench", "bench_stack", "form_bytes", "max_in_window", "percentile"]
 
 EXE = str(Path(sys.executable).parent / "queue-server")
 MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
 AMQP_BASE = os.environ.get("BENCH_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
 SENDER = "noreply@example.com"
+
+
+# The text fields of the benchmarks' `email/add` form (with one file: 9 parts, as the driver of
+# issue 20's figures sent).
+FORM_FIELDS = {
+    "shortName": "Bench",
+    "email": "user@example.org",
+    "sendEmail": SENDER,
+    "replyEmail": "support@example.com",
+    "subject": "Your statement for December",
+    "data": '{"NAME": "Bob", "AMOUNT": "12.50", "ITEMS": ["a", "b", "c"]}',
+    "text": "Hello {{-NAME-}}, your statement is attached. " * 8,
+    "type": "TRANSACTIONAL",
+}
+
+
+async def form_bytes(size: int) -> tuple[bytes, str]:
+    """The form (FORM_FIELDS and one `size`-byte PDF) as aiohttp's client encodes it, and its
+    Content-Type."""
+    import aiohttp
+
+    form = aiohttp.FormData()
+    for name, value in FORM_FIELDS.items():
+        form.add_field(name, value)
+    pdf = b"%PDF-1.4\n" + os.urandom(max(0, size - 16)) + b"\n%%EOF\n"
+    form.add_field("files", pdf[:size], filename="statement.pdf", content_type="application/pdf")
+    payload = form()
+
+    class Sink:
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        async def write(self, chunk: bytes) -> None:
+            self.data += chunk
+
+    sink = Sink()
+    await payload.write(sink)  # type: ignore[arg-type]
+    return bytes(sink.data), payload.content_type
 
 
 def rabbitmqctl(*args: str, check: bool = True) -> None:
@@ -78,7 +116,7 @@ class EmailBench:
         proc = subprocess.Popen(command, env=env, cwd=self.workdir, stdout=log, stderr=log)
         self.procs.append(proc)
         if port is not None:
-            _wait_healthy(proc, f"http://127.0.0.1:{port}")
+            wait_healthy(proc, f"http://127.0.0.1:{port}")
         return proc
 
     async def queue(self, count: int, kind: EmailType, batch: int = 1000) -> list[str]:
@@ -120,7 +158,7 @@ class EmailBench:
                 proc.kill()
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str) -> None:
+def wait_healthy(proc: subprocess.Popen[bytes], url: str) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -189,4 +227,4 @@ async def wait_until(predicate: Any, within: float, interval: float = 0.2) -> No
         await asyncio.sleep(interval)
 
 
-__all__ += ["CpuMeter", "cpu_seconds", "free_port", "wait_until"]
+__all__ += ["CpuMeter", "cpu_seconds", "free_port", "wait_healthy", "wait_until"]

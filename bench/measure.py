@@ -25,16 +25,43 @@ def cpu_seconds(pid: int) -> float:
 
 
 def pids_of(name: str) -> list[int]:
-    """Processes whose command name is `name` (mariadbd, beam.smp, moto_server)."""
+    """Processes whose command name is `name` (mariadbd, beam.smp, moto_server), oldest first:
+    the machine's own server before one a test or another bench started for a while."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 if (entry / "comm").read_text().strip() == name:
-                    found.append(int(entry.name))
+                    started = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[19])
+                    found.append((started, int(entry.name)))
             except OSError:
                 continue
-    return found
+    return [pid for _, pid in sorted(found)]
+
+
+def _cpu_or_zero(pid: int) -> float:
+    """cpu_seconds, or 0 for a process that is gone (a meter must not fail a long run)."""
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return 0.0
+
+
+def supervised(name: str, pid: int) -> dict[str, int]:
+    """The processes doing a `queue-server` command's work: the children of a supervisor
+    (`run`, `gateway --processes N`) by their --process-name, else the process itself."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if parent == pid and b"--process-name" in argv:
+            found[argv[argv.index(b"--process-name") + 1].decode()] = int(entry.name)
+    return found or {name: pid}
 
 
 class CpuMeter:
@@ -65,7 +92,7 @@ class CpuMeter:
 
     def start(self) -> None:
         self._wall = time.monotonic()
-        self._start = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
+        self._start = {name: _cpu_or_zero(pid) for name, pid in self.processes.items()}
         self._busy, self._steal = self._machine()
 
     def sample_every_second(self) -> None:
@@ -82,7 +109,7 @@ class CpuMeter:
             last = now
 
     def _now(self) -> dict[str, float]:
-        now = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
+        now = {name: _cpu_or_zero(pid) for name, pid in self.processes.items()}
         busy, steal = self._machine()
         return now | {"machine": busy, "steal": steal}
 
@@ -99,7 +126,7 @@ class CpuMeter:
 
     def report(self) -> str:
         wall = time.monotonic() - self._wall
-        used = {n: cpu_seconds(p) - self._start[n] for n, p in self.processes.items()}
+        used = {n: max(0.0, _cpu_or_zero(p) - self._start[n]) for n, p in self.processes.items()}
         busy, steal = self._machine()
         machine = (busy - self._busy) / wall * 100
         stolen = (steal - self._steal) / wall * 100

@@ -161,7 +161,11 @@ def main() -> None:
             )
             arms.append(Arm("before", gateway, loop.run_until_complete(new_key(gateway, before))))
         after = stacks.enter_context(stack("after"))
-        gateway = after.start("gateway", "gateway", "--no-migrate", "--no-setup-broker", http=True)
+        # One process: the CPU per request is read from the gateway's pid. (A baseline from
+        # before issue 20 has no --processes, and serves in one process anyway.)
+        gateway = after.start(
+            "gateway", "gateway", "--processes", "1", "--no-migrate", "--no-setup-broker", http=True
+        )
         unlimited = loop.run_until_complete(new_key(gateway, after))
         limited = loop.run_until_complete(new_key(gateway, after, rate_limit_per_sec=args.limit))
         arms += [Arm("no limit", gateway, unlimited), Arm("limited", gateway, limited)]

@@ -1,11 +1,14 @@
-"""Benchmark: queue/add throughput and latency through ONE gateway process.
+"""Benchmark: queue/add throughput and latency through ONE gateway process (or `--processes N`,
+or the whole service under `queue-server run` with `--run`).
 
 Starts `queue-server gateway` (its own database and vhost), creates a client key, then runs a
 closed-loop load generator (Python + aiohttp, in this process) with N concurrent clients, each
 sending the next request as soon as the previous answer arrives. Every request is a real add:
 a row and its ADD event committed in MySQL, a timer and the ADD callback published (confirmed)
 to RabbitMQ. No worker runs, so the numbers are the gateway's alone (tasks are due one to two
-hours ahead, each at its own millisecond).
+hours ahead, each at its own millisecond). With `--run`, `queue-server run` serves instead
+(every worker too, its gateway processes one per core unless `--processes`) and the ADD
+callbacks are delivered to a receiver in this process, as a client's would be.
 
 The load generator shares the machine with the gateway, MariaDB and RabbitMQ; on a small box it
 takes a good part of one core itself (its CPU time is printed), so treat results as a floor.
@@ -16,6 +19,7 @@ takes a good part of one core itself (its CPU time is printed), so treat results
     .venv/bin/python bench/tasks_add.py --prefill 1000000 --prefill-timers  # and their timers
     .venv/bin/python bench/tasks_add.py --prefill 1000000 --prefill-timers --settle 120
     .venv/bin/python bench/tasks_add.py --raw-client        # a load generator ~4x lighter
+    .venv/bin/python bench/tasks_add.py --run               # through `queue-server run`
 
 Besides req/s and latency it prints CPU per request (gateway and load generator) and the CPU
 time of a fixed reference workload: on a shared, busy box everything runs slower, so compare
@@ -29,13 +33,12 @@ import asyncio
 import itertools
 import json
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 import aiohttp
-from measure import CpuMeter, cpu_seconds
+from load import Post, raw_clients
+from measure import CpuMeter, cpu_seconds, supervised
 from tasks_common import (
     Stack,
     broker_memory_mb,
@@ -45,6 +48,7 @@ from tasks_common import (
     iso,
     percentile,
     publish_timers,
+    receiver,
     rss_mb,
     server_rss_mb,
     stack,
@@ -75,6 +79,13 @@ def parse_args() -> argparse.Namespace:
         help="idle seconds after the prefill, so the broker has written it away (0)",
     )
     parser.add_argument("--pool", type=int, default=10, help="the gateway's MYSQL_POOL_SIZE (10)")
+    parser.add_argument("--run", action="store_true", help="through `queue-server run`")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="gateway processes (default: 1, or one per core with --run)",
+    )
     parser.add_argument(
         "--raw-client",
         action="store_true",
@@ -90,9 +101,6 @@ def footprint(bench: Stack) -> str:
         f"broker: {messages} messages, {queue_mb:.0f} MB in the vhost's queues;"
         f" tasks table {table_mb(bench):.0f} MB; {servers}"
     )
-
-
-Post = Callable[[], Awaitable[int]]  # one add; returns the HTTP status
 
 
 def request_bodies(count: int = 4096) -> list[bytes]:
@@ -128,49 +136,6 @@ def aiohttp_clients(
     return connect
 
 
-def raw_clients(
-    url: str, headers: dict[str, str], bodies: list[bytes], opened: list[asyncio.StreamWriter]
-) -> Callable[[], Awaitable[Post]]:
-    """Bare HTTP/1.1 keep-alive clients: prepared requests, read the status and the body back.
-    Far less CPU per request than aiohttp's client, so more of the box is left to the gateway."""
-    parsed = urlsplit(url)
-    lines = [
-        "POST /server/queue/add HTTP/1.1",
-        f"Host: {parsed.netloc}",
-        *(f"{name}: {value}" for name, value in headers.items()),
-    ]
-    requests = [
-        ("\r\n".join([*lines, f"Content-Length: {len(body)}"]) + "\r\n\r\n").encode() + body
-        for body in bodies
-    ]
-
-    async def connect() -> Post:
-        stream: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        turn = itertools.cycle(random.sample(requests, len(requests)))
-
-        async def post() -> int:
-            request = next(turn)
-            if not stream:
-                stream.append(await asyncio.open_connection(parsed.hostname, parsed.port))
-                opened.append(stream[0][1])
-            reader, writer = stream[0]
-            try:
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-                await reader.readexactly(int(length.group(1)) if length else 0)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                stream.clear()  # the gateway closed it (e.g. after a 503): reconnect next time
-                return 0
-            if re.search(rb"(?i)\r\nconnection: *close", head):
-                stream.clear()
-            return int(head[9:12])
-
-        return post
-
-    return connect
-
-
 async def load(url: str, headers: dict[str, str], args: argparse.Namespace) -> int:
     """Run the clients; returns how many requests were answered (warmup included)."""
     bodies = request_bodies()
@@ -196,7 +161,7 @@ async def load(url: str, headers: dict[str, str], args: argparse.Namespace) -> i
 
     async with http_session(limit=args.concurrency) as session:
         if args.raw_client:
-            connect = raw_clients(url, headers, bodies, opened)
+            connect = raw_clients(url, "/server/queue/add", headers, bodies, opened)
         else:
             connect = aiohttp_clients(session, url, headers, bodies)
         begin = time.perf_counter()
@@ -243,46 +208,68 @@ async def main() -> None:
     args = parse_args()
     print(f"reference workload: {reference_ms():.0f} ms CPU")
     with stack("add") as bench:
+        processes = (
+            ["--processes", str(args.processes or 1)] if args.processes or not args.run else []
+        )
+        command = ("run",) if args.run else ("gateway",)
         gateway = bench.start(
-            "gateway",
-            "gateway",
+            command[0],
+            *command,
+            *processes,
             "--no-migrate",
             "--no-setup-broker",
             http=True,
             MYSQL_POOL_SIZE=str(args.pool),
         )
         assert gateway.url is not None
-        async with http_session() as session:
-            headers = await create_key(session, gateway.url, bench, "http://127.0.0.1:9/none")
-        if args.prefill:
-            started = time.monotonic()
-            task_ids = bulk_pending(bench, args.prefill)
-            took = time.monotonic() - started
-            print(f"prefilled {args.prefill} pending task rows ({took:.0f} s)")
-            if args.prefill_timers:
-                started = time.monotonic()
-                await publish_timers(bench, task_ids)
-                print(f"published their timers ({time.monotonic() - started:.0f} s)")
-            del task_ids
-            if args.settle:
-                await asyncio.sleep(args.settle)
-                print(f"idle for {args.settle:.0f} s after the prefill")
-            print(f"footprint before: {footprint(bench)}")
-        print(f"gateway RSS before: {rss_mb(gateway.proc.pid):.0f} MB")
-        meter = CpuMeter({"gateway": gateway.proc.pid})
-        meter.start()
-        gateway_cpu = cpu_seconds(gateway.proc.pid)
-        answered = await load(gateway.url, headers, args)
-        gateway_cpu = cpu_seconds(gateway.proc.pid) - gateway_cpu
-        print(f"  {meter.report()} (whole run, warmup included)")
-        print(
-            f"  gateway CPU per request: {gateway_cpu / max(answered, 1) * 1e6:.0f} µs"
-            f" ({answered} requests, warmup included)"
-        )
-        print(f"gateway RSS after: {rss_mb(gateway.proc.pid):.0f} MB")
-        pending = bench.mysql("SELECT COUNT(*) AS n FROM tasks WHERE status = 'PENDING'")[0]["n"]
-        print(f"pending tasks now: {pending}")
-        print(f"footprint after: {footprint(bench)}")
+        async with receiver() as recv, http_session() as session:
+            return_api = recv.url if args.run else "http://127.0.0.1:9/none"
+            headers = await create_key(session, gateway.url, bench, return_api)
+            if args.prefill:
+                await prefill(bench, args)
+            await measured(bench, gateway.url, gateway.proc.pid, headers, args)
+            if args.run:
+                print(f"ADD callbacks received: {recv.count('ADD')}")
+
+
+async def prefill(bench: Stack, args: argparse.Namespace) -> None:
+    started = time.monotonic()
+    task_ids = bulk_pending(bench, args.prefill)
+    took = time.monotonic() - started
+    print(f"prefilled {args.prefill} pending task rows ({took:.0f} s)")
+    if args.prefill_timers:
+        started = time.monotonic()
+        await publish_timers(bench, task_ids)
+        print(f"published their timers ({time.monotonic() - started:.0f} s)")
+    del task_ids
+    if args.settle:
+        await asyncio.sleep(args.settle)
+        print(f"idle for {args.settle:.0f} s after the prefill")
+    print(f"footprint before: {footprint(bench)}")
+
+
+async def measured(
+    bench: Stack, url: str, pid: int, headers: dict[str, str], args: argparse.Namespace
+) -> None:
+    processes = supervised("gateway", pid)
+    gateways = {n: p for n, p in processes.items() if n.startswith("gateway")}
+    rss = ", ".join(f"{n} {rss_mb(p):.0f} MB" for n, p in processes.items())
+    print(f"RSS before: {rss}")
+    meter = CpuMeter(dict(processes))
+    meter.start()
+    gateway_cpu = sum(cpu_seconds(p) for p in gateways.values())
+    answered = await load(url, headers, args)
+    gateway_cpu = sum(cpu_seconds(p) for p in gateways.values()) - gateway_cpu
+    print(f"  {meter.report()} (whole run, warmup included)")
+    print(
+        f"  gateway CPU per request: {gateway_cpu / max(answered, 1) * 1e6:.0f} µs"
+        f" ({len(gateways)} process(es), {answered} requests, warmup included)"
+    )
+    rss = ", ".join(f"{n} {rss_mb(p):.0f} MB" for n, p in processes.items())
+    print(f"RSS after: {rss}")
+    pending = bench.mysql("SELECT COUNT(*) AS n FROM tasks WHERE status = 'PENDING'")[0]["n"]
+    print(f"pending tasks now: {pending}")
+    print(f"footprint after: {footprint(bench)}")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def offset_ms(bench: Stack, key_id: int, depth: int, limit: int, n: int) -> floa
 
 async def main(args: argparse.Namespace) -> None:
     with stack("list") as bench:
-        gateway = bench.start("gateway", "gateway", "--no-migrate", http=True)
+        gateway = bench.start("gateway", "gateway", "--processes", "1", "--no-migrate", http=True)
         url = gateway.url or ""
         async with http_session() as session:
             headers = await create_key(session, url, bench, "http://127.0.0.1:9/none")

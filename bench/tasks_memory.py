@@ -50,7 +50,9 @@ async def main() -> None:
     args = parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     with stack("memory") as bench:
-        gateway = bench.start("gateway", "gateway", "--no-migrate", "--no-setup-broker", http=True)
+        gateway = bench.start(
+            "gateway", "gateway", "--processes", "1", "--no-migrate", "--no-setup-broker", http=True
+        )
         worker = bench.start("expiry", "worker", "expiry")
         assert gateway.url is not None
         async with http_session() as session:

@@ -1,15 +1,17 @@
 """Benchmark: expiry precision at a trickle (tasks due at a steady rate, e.g. 10/s).
 
-Starts `queue-server run` (gateway and every worker in one process; own database and vhost) and
-a callback receiver in this process. Adds tasks at `--rate` per second for `--duration` seconds,
-each due `--lead` seconds (plus a random fraction of a second) after it is added, then waits
-for every EXPIRED callback. Prints, per task:
+Starts `queue-server run` (the gateway and the workers as processes of their own, or with
+`--single-process` all in one; own database and vhost) and a callback receiver in this process.
+Adds tasks at `--rate` per second for `--duration` seconds, each due `--lead` seconds (plus a
+random fraction of a second) after it is added, then waits for every EXPIRED callback.
+Prints, per task:
 
   fire lateness     = when the expiry transaction ran (tasks.expired_at) - due time
   receipt lateness  = when the EXPIRED callback reached the receiver - due time
 
 and the lateness histogram the service exports (qs_task_expiry_lateness_seconds), which has
-bucket resolution only.
+bucket resolution only (in one process only: `run`'s gateway processes do not hold the expiry
+worker's metrics).
 
     .venv/bin/python bench/tasks_precision.py --help
     .venv/bin/python bench/tasks_precision.py --rate 10 --duration 60
@@ -39,13 +41,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=10, help="tasks due per second (10)")
     parser.add_argument("--duration", type=float, default=60, help="seconds of adding (60)")
     parser.add_argument("--lead", type=float, default=5, help="seconds from add to due (5)")
+    parser.add_argument(
+        "--single-process", action="store_true", help="`run --single-process`: one process"
+    )
     return parser.parse_args()
 
 
 async def main() -> None:
     args = parse_args()
     with stack("precision") as bench:
-        service = bench.start("run", "run", "--no-migrate", "--no-setup-broker", http=True)
+        mode = ["--single-process"] if args.single_process else []
+        service = bench.start("run", "run", *mode, "--no-migrate", "--no-setup-broker", http=True)
         assert service.url is not None
         async with receiver() as recv, http_session() as session:
             headers = await create_key(session, service.url, bench, recv.url)

@@ -1,7 +1,8 @@
 """Benchmark: an expiry storm, N tasks (20,000 by default) all due within the same second.
 
 Starts one gateway and one each of the expiry, callbacks and reconciler workers as separate
-`queue-server` processes (own database and vhost), and a callback receiver in this process.
+`queue-server` processes (own database and vhost), or with `--run` the whole service as
+`queue-server run` starts it, and a callback receiver in this process.
 Then it waits for the storm and prints how long after the due second began the last EXPIRED
 callback arrived, how late each one was, and how many are missing or arrived twice.
 
@@ -15,6 +16,7 @@ Two ways to set the storm up:
     .venv/bin/python bench/tasks_storm.py --help
     .venv/bin/python bench/tasks_storm.py --tasks 20000 --lead 60 --via-http
     .venv/bin/python bench/tasks_storm.py --tasks 20000 --lead 35
+    .venv/bin/python bench/tasks_storm.py --tasks 20000 --lead 60 --via-http --run
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-from measure import CpuMeter
+from measure import CpuMeter, supervised
 from tasks_common import (
     Stack,
     add_tasks,
@@ -66,6 +68,12 @@ def parse_args() -> argparse.Namespace:
         default="expiry,callbacks,reconciler",
         help="worker processes to start, comma-separated; a name twice starts two"
         " (expiry,callbacks,reconciler)",
+    )
+    parser.add_argument(
+        "--run", action="store_true", help="`queue-server run` instead of separate commands"
+    )
+    parser.add_argument(
+        "--callbacks-processes", type=int, default=0, help="with --run: `run`'s option of that name"
     )
     return parser.parse_args()
 
@@ -122,12 +130,29 @@ def timeline(second: int, rows: list[dict[str, Any]], receipts: list[float]) -> 
 async def main() -> None:
     args = parse_args()
     with stack("storm") as bench:
-        gateway = bench.start("gateway", "gateway", "--no-migrate", "--no-setup-broker", http=True)
-        workers = {}
-        for name, count in Counter(args.workers.split(",")).items():
-            for n in range(1, count + 1):  # a name given twice starts two copies
-                label = name if n == 1 else f"{name}{n}"
-                workers[label] = bench.start(label, "worker", name)
+        if args.run:
+            extra = ["--callbacks-processes", str(args.callbacks_processes)]
+            gateway = bench.start(
+                "run",
+                "run",
+                *(extra if args.callbacks_processes else []),
+                *("--no-migrate", "--no-setup-broker"),
+                http=True,
+            )
+            workers = supervised("run", gateway.proc.pid)
+        else:
+            gateway = bench.start(
+                "gateway",
+                "gateway",
+                *("--processes", "1"),
+                *("--no-migrate", "--no-setup-broker"),
+                http=True,
+            )
+            workers = {}
+            for name, count in Counter(args.workers.split(",")).items():
+                for n in range(1, count + 1):  # a name given twice starts two copies
+                    label = name if n == 1 else f"{name}{n}"
+                    workers[label] = bench.start(label, "worker", name).proc.pid
         assert gateway.url is not None
         async with receiver() as recv, http_session() as session:
             headers = await create_key(session, gateway.url, bench, recv.url)
@@ -146,14 +171,14 @@ async def main() -> None:
                 await recv.wait_for("ADD", args.tasks, within=max(1.0, second - time.time()))
                 print(f"ADD callbacks received: {len(recv.of('ADD'))}")
             print(f"the storm is due in {second - time.time():.1f} s")
-            meter = CpuMeter({n: s.proc.pid for n, s in workers.items()} | {"bench": os.getpid()})
+            meter = CpuMeter(workers | {"bench": os.getpid()})
             await asyncio.sleep(max(0.0, second - time.time() - 1))
             meter.start()
             meter.sample_every_second()
             await recv.wait_for("EXPIRED", args.tasks, within=60, unique=True)
             print(f"  {meter.report()} (from 1 s before the storm until the last callback)")
             await asyncio.sleep(2)  # late duplicates, if any
-            rss = {n: rss_mb(s.proc.pid) for n, s in workers.items()}
+            rss = {n: rss_mb(pid) for n, pid in workers.items()}
 
         expired = recv.of("EXPIRED")
         due_of = {t: int(when * 1000) / 1000 for t, when in zip(ids, due, strict=True)}

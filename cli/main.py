@@ -6,13 +6,17 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Coroutine, Sequence
+from dataclasses import replace
 from importlib import metadata
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
 from cli import inspection, receiver
 from shared.infra.settings import Settings
+
+if TYPE_CHECKING:
+    from cli.supervisor import Child
 
 T = TypeVar("T")
 
@@ -44,7 +48,21 @@ def _load_settings() -> Settings:
         sys.exit(f"queue-server: configuration error: {problems} (see .env.template)")
 
 
+def _processes(value: str) -> int:
+    count = int(value)
+    if count < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return count
+
+
+def _child_options(p: argparse.ArgumentParser) -> None:
+    """Options only the supervisor passes to its children (hidden from --help)."""
+    p.add_argument("--process-name", help=argparse.SUPPRESS)
+    p.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
+
+
 def _parser() -> argparse.ArgumentParser:
+    from cli.supervisor import cores
     from workers.registry import WORKERS
 
     parser = argparse.ArgumentParser(
@@ -54,15 +72,41 @@ def _parser() -> argparse.ArgumentParser:
         "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, text in (
-        ("run", "gateway and every worker in one process (development, small installs)"),
-        ("gateway", "the HTTP gateway only"),
+    for name, text, processes_help in (
+        (
+            "run",
+            "the gateway and every worker, each in processes of its own (development, small"
+            " installs)",
+            "gateway processes (default: one per core, here %(default)s)",
+        ),
+        (
+            "gateway",
+            "the HTTP gateway only",
+            "processes serving the port (default: one per core, here %(default)s)",
+        ),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--no-migrate", action="store_true", help="do not apply migrations at start")
         p.add_argument(
             "--no-setup-broker", action="store_true", help="do not declare the broker topology"
         )
+        p.add_argument(
+            "--processes", type=_processes, default=cores(), metavar="N", help=processes_help
+        )
+        _child_options(p)
+    sub.choices["run"].add_argument(
+        "--callbacks-processes",
+        type=_processes,
+        default=cores(),
+        metavar="N",
+        help="processes of the callbacks worker (default: one per core, here %(default)s)",
+    )
+    sub.choices["run"].add_argument(
+        "--single-process",
+        action="store_true",
+        help="the gateway and every worker in this one process (tiny installs, one core)",
+    )
+    sub.choices["gateway"].add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     worker = sub.add_parser(
         "worker",
         help="one or more workers, for scaling out",
@@ -76,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(WORKERS) or None,
         help=f"one of: {', '.join(sorted(WORKERS)) or '(none yet)'}",
     )
+    _child_options(worker)
     migrate = sub.add_parser(
         "migrate",
         help="create the database if missing and apply migrations",
@@ -127,16 +172,31 @@ async def _setup_broker(settings: Settings) -> None:
 
 
 def _serve_http(
-    settings: Settings, *, migrate: bool, setup_broker: bool, with_workers: bool
+    settings: Settings,
+    *,
+    migrate: bool,
+    setup_broker: bool,
+    with_workers: bool,
+    reuse_port: bool = False,
 ) -> None:
+    if migrate:
+        _run(_migrate(settings))
+    _run(_serve_app(settings, setup_broker, with_workers, reuse_port))
+
+
+async def _serve_app(
+    settings: Settings, setup_broker: bool, with_workers: bool, reuse_port: bool
+) -> None:
+    """The gateway (with every worker for `run --single-process`) until SIGTERM/SIGINT; the
+    listening socket closes first, then requests in flight get SHUTDOWN_GRACE_SECONDS."""
     from aiohttp import web
 
     from cli.app import create_app
     from shared.infra.gc_tuning import freeze_startup_objects
     from workers.registry import WORKERS
+    from workers.runner import stop_signal
 
-    if migrate:
-        _run(_migrate(settings))
+    stopped = stop_signal()  # from here on: a signal during startup stops cleanly too
     app = create_app(
         settings, setup_broker=setup_broker, workers=sorted(WORKERS) if with_workers else ()
     )
@@ -145,26 +205,46 @@ def _serve_http(
         freeze_startup_objects()
 
     app.on_startup.append(tune_gc)
-    web.run_app(
+    runner = web.AppRunner(
         app,
-        host=settings.HOST,
-        port=settings.PORT,
+        handle_signals=False,
         access_log=None,
         shutdown_timeout=settings.SHUTDOWN_GRACE_SECONDS,
         keepalive_timeout=settings.HTTP_KEEPALIVE_SECONDS,
-        print=None,
-        loop=_new_loop(),
     )
+    await runner.setup()
+    try:
+        # SO_REUSEPORT for the children of a supervisor: several processes, one port.
+        site = web.TCPSite(runner, settings.HOST, settings.PORT, reuse_port=reuse_port or None)
+        await site.start()
+        await stopped.wait()
+    finally:
+        await runner.cleanup()
 
 
-def _with_transport(settings: Settings) -> Settings:
+def _supervise(settings: Settings, children: list[Child], *, migrate: bool, setup: bool) -> None:
+    from cli.supervisor import check_port_free, supervise
+
+    if any(c.args[0] == "gateway" for c in children):
+        check_port_free(settings.HOST, settings.PORT)
+    if migrate:
+        _run(_migrate(settings))
+    if setup:
+        _run(_setup_broker(settings))
+    sys.exit(supervise(children, settings.SHUTDOWN_GRACE_SECONDS))
+
+
+def _with_transport(settings: Settings, *, supervised: bool = False) -> Settings:
     """EMAIL_TRANSPORT resolved once (`auto` reads AWS credential files) and logged: the first
-    thing to check when mail does not arrive is where this process sends it."""
+    thing to check when mail does not arrive is where this process sends it. A supervisor
+    resolves it for its children (in their EMAIL_TRANSPORT), so that they all agree."""
     import structlog
 
     from shared.email.transports import choose_transport
 
     name, reason = choose_transport(settings)
+    if supervised:
+        reason = "resolved by the supervisor"
     structlog.get_logger("queue-server").info("email.transport", transport=name, reason=reason)
     return settings.model_copy(update={"EMAIL_TRANSPORT": name})
 
@@ -188,20 +268,48 @@ def main(argv: Sequence[str] | None = None) -> None:
         receiver.serve(args)
         return
     settings = _load_settings()
+    from cli.supervisor import follow_parent
     from shared.infra.logs import configure_logging
 
-    configure_logging(settings)
+    supervising = (args.command == "run" and not args.single_process) or (
+        args.command == "gateway" and args.processes > 1
+    )
+    supervised = bool(getattr(args, "supervisor_pid", None))
+    name = "supervisor" if supervising else getattr(args, "process_name", None)
+    configure_logging(settings, process=name)
+    if supervised:
+        follow_parent(args.supervisor_pid)
     if args.command in ("run", "gateway", "worker"):
-        settings = _with_transport(settings)
-    _warn_if_salt_signs(settings)
-    if args.command in ("run", "gateway"):
+        settings = _with_transport(settings, supervised=supervised)
+    if not supervised:  # a supervisor's children: it has said so for them
+        _warn_if_salt_signs(settings)
+    if supervising:
+        children = _children(args, settings.EMAIL_TRANSPORT)
+        _supervise(settings, children, migrate=not args.no_migrate, setup=not args.no_setup_broker)
+    elif args.command in ("run", "gateway"):
         _serve_http(
             settings,
             migrate=not args.no_migrate,
             setup_broker=not args.no_setup_broker,
             with_workers=args.command == "run",
+            reuse_port=getattr(args, "reuse_port", False),
         )
-    elif args.command == "worker":
+    else:
+        _other_command(settings, args)
+
+
+def _children(args: argparse.Namespace, email_transport: str) -> list[Child]:
+    """The supervisor's children, each to send email where the supervisor resolved it should."""
+    from cli.supervisor import gateway_children, worker_children
+
+    children = gateway_children(args.processes)
+    if args.command == "run":
+        children += worker_children(callbacks=args.callbacks_processes)
+    return [replace(c, env={**c.env, "EMAIL_TRANSPORT": email_transport}) for c in children]
+
+
+def _other_command(settings: Settings, args: argparse.Namespace) -> None:
+    if args.command == "worker":
         from workers.runner import serve_workers
 
         _run(serve_workers(settings, args.names))

@@ -7,24 +7,22 @@ handler, serialise) and generates the OpenAPI document, so docs and behaviour ca
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from gateway.app_keys import SETTINGS
 from gateway.auth import Role
+from gateway.bodies import log_unknown_fields, read_body
 from gateway.errors import ApiError
-from gateway.forms import FORM_TYPE, decode_form
+from gateway.forms.urlencoded import FORM_TYPE, decode_form
 from schemas.common import FORM_CONTEXT
 
 Handler = Callable[[web.Request, Any], Awaitable[BaseModel | web.StreamResponse]]
 H = TypeVar("H", bound=Handler)
-
-log = structlog.get_logger("gateway")
 
 JSON_TYPES = ("application/json", "text/json")
 
@@ -56,18 +54,8 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def read_body(request: web.Request, max_bytes: int) -> bytes:
-    """The whole body, refused (413) beyond `max_bytes`."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise ApiError(413, f"body larger than {max_bytes} bytes", "TOO_LARGE")
-    raw = await request.read()
-    if len(raw) > max_bytes:
-        raise ApiError(413, f"body larger than {max_bytes} bytes", "TOO_LARGE")
-    return raw
-
-
 async def read_value(request: web.Request, max_bytes: int) -> tuple[Any, bool]:
-    """The body's value and whether it came as an urlencoded form (gateway/forms.py) rather
+    """The body's value and whether it came as an urlencoded form (gateway/forms/) rather
     than JSON; an empty body counts as `{}` (all-defaults requests)."""
     raw = await read_body(request, max_bytes)
     if not raw.strip():
@@ -84,14 +72,6 @@ async def read_value(request: web.Request, max_bytes: int) -> tuple[Any, bool]:
         return json.loads(raw), False
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, "body is not valid JSON", "MALFORMED_JSON") from exc
-
-
-def log_unknown_fields(names: Collection[object]) -> None:
-    """Fields a route does not know, ignored as the original did; logged by name only (a value
-    may be secret), and only so many of them."""
-    if names:
-        fields = sorted(str(name)[:64] for name in names)[:20]
-        log.debug("request.unknown_fields", fields=fields, count=len(names))
 
 
 def parse_model(model: type[BaseModel], value: Any, *, form: bool = False) -> BaseModel:

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from gateway.auth import Role
 from gateway.endpoints import Endpoint
-from gateway.forms import FORM_TYPE
+from gateway.forms.urlencoded import FORM_TYPE
 from gateway.webhooks import webhooks
 from schemas.common import ErrorBody
 from shared.keys.idempotency import KEY_PATTERN
@@ -69,8 +69,9 @@ def _error(status: int) -> dict[str, Any]:
 
 
 def _request_content(endpoint: Endpoint, components: dict[str, Any]) -> dict[str, Any]:
-    """JSON bodies may also come urlencoded (gateway/forms.py: `data[key]=value` nests), as
-    the original's Express parser read them; some multipart forms too, without files."""
+    """JSON bodies may also come urlencoded (gateway/forms/urlencoded.py: `data[key]=value`
+    nests), as the original's Express parser read them; some multipart forms too, without
+    files."""
     content: dict[str, Any] = {}
     if endpoint.body is not None:
         media = _media(endpoint.body, components)

@@ -212,6 +212,10 @@ def start_service(
 ) -> ServiceProcess:
     """Start `queue-server ARGS…` with the test environment; waits for /healthz if it is HTTP."""
     port = port or free_port()
+    if args[0] == "gateway" and "--processes" not in args:
+        # One process, as these tests kill, signal and scrape it (/metrics is per process);
+        # tests/test_supervisor.py covers several.
+        args = (*args, "--processes", "1")
     full_env = {**os.environ, **env, "PORT": str(port), "HOST": "127.0.0.1"}
     exe = os.path.join(os.path.dirname(sys.executable), "queue-server")
     proc = subprocess.Popen([exe, *args], env=full_env, cwd=cwd)

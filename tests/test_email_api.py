@@ -26,7 +26,7 @@ from receiver import Receiver
 
 from gateway.app import create_app
 from gateway.app_keys import BROKER, DB
-from shared.email import model, queueing, sending, sweeps, validation
+from shared.email import model, queueing, sending, suppressions, sweeps, validation
 from shared.infra.settings import Settings
 
 Client = TestClient[web.Request, web.Application]
@@ -593,6 +593,60 @@ async def test_idempotency_key_returns_the_same_queue_id(
         email_form(files, text="hello"),
     )
     assert (await third.json())["queue_id"] != (await first.json())["queue_id"]  # scoped per key
+
+
+async def test_emails_added_together_each_get_their_own_outcome(
+    client: Client, make_key: Any, settings: Settings
+) -> None:
+    """Adds that arrive together are stored in shared transactions: each still gets its own
+    answer (a suppressed recipient, a reused Idempotency-Key), and each stored email its own
+    attachments, published before the answer."""
+    key = await make_key()
+    db = client.app[DB]
+    async with db.transaction() as cur:
+        await suppressions.add(
+            cur, "gone@example.org", reason="BOUNCE", detail="test", email_id="e0"
+        )
+    headers = {**key["headers"], "Idempotency-Key": "together-1"}
+    first = await add(client, headers, email_form(text="once"))
+    assert first.status == 200
+
+    def files(i: int) -> list[tuple[str, str, bytes]]:
+        return [(f"f{i}-{n}.pdf", "application/pdf", b"%PDF" + os.urandom(100 + i)) for n in (0, 1)]
+
+    forms = [(key["headers"], email_form(files(i), text=f"n{i}")) for i in range(24)]
+    forms.insert(5, (key["headers"], email_form(email="gone@example.org", text="x")))
+    forms.insert(11, (headers, email_form(text="a different body")))
+    forms.insert(17, (headers, email_form(text="once")))
+    answers = await asyncio.gather(*(add(client, h, f) for h, f in forms))
+    bodies = [await a.json() for a in answers]
+    assert [a.status for a in answers].count(200) == 25
+    assert (answers[5].status, bodies[5]["code"]) == (422, "SUPPRESSED")
+    assert (answers[11].status, bodies[11]["code"]) == (409, "IDEMPOTENCY_CONFLICT")
+    assert bodies[17]["queue_id"] == (await first.json())["queue_id"]
+
+    new = [b["queue_id"] for i, b in enumerate(bodies) if i not in (5, 11, 17)]
+    assert len(set(new)) == 24
+    for i, email_id in enumerate(new):
+        rows = db_rows(
+            settings,
+            "SELECT e.published, a.filename, c.data FROM emails e"
+            " JOIN email_attachments a ON a.email_pk = e.id"
+            " JOIN email_attachment_chunks c ON c.attachment_id = a.id"
+            " WHERE e.email_id = %s ORDER BY a.position",
+            (email_id,),
+        )
+        assert [(r["published"], r["filename"], len(r["data"])) for r in rows] == [
+            (1, f"f{i}-0.pdf", 104 + i),
+            (1, f"f{i}-1.pdf", 104 + i),
+        ]
+    suppressed = db_rows(
+        settings,
+        "SELECT COUNT(*) AS n FROM emails e JOIN api_keys k ON k.id = e.api_key_id"
+        " WHERE k.api_name = %s AND e.recipient = 'gone@example.org'",
+        (key["api_name"],),
+    )
+    assert suppressed[0]["n"] == 0
 
 
 async def test_records_show_only_own_emails_newest_first(client: Client, make_key: Any) -> None:

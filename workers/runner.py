@@ -33,23 +33,31 @@ async def running(ctx: Context, names: Sequence[str]) -> AsyncIterator[list[Serv
         await asyncio.gather(*(s.stop(grace) for s in reversed(started)), return_exceptions=True)
 
 
-async def wait_for_stop_signal() -> None:
+def stop_signal() -> asyncio.Event:
+    """Set by the first SIGTERM/SIGINT; later ones change nothing (a supervisor and a service
+    manager may both send one), so a drain that has begun is never cut short."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("shutdown.signal", signal=sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutdown.signal")
+        loop.add_signal_handler(sig, on_signal, sig)
+    return stop
 
 
 async def serve_workers(settings: Settings, names: Sequence[str]) -> None:
-    """`queue-server worker NAME…`: own MySQL pool and broker connection, until SIGTERM/SIGINT."""
-    async with open_database(settings) as db, open_broker(settings) as broker:
-        await _serve(Context(settings, db, broker), names)
-
-
-async def _serve(ctx: Context, names: Sequence[str]) -> None:
-    async with running(ctx, names):
+    """`queue-server worker NAME…`: own MySQL pool and broker connection, until SIGTERM/SIGINT
+    (one that comes while they start stops them once started)."""
+    stopped = stop_signal()
+    async with (
+        open_database(settings) as db,
+        open_broker(settings) as broker,
+        running(Context(settings, db, broker), names),
+    ):
         freeze_startup_objects()
         log.info("workers.running", workers=list(names))
-        await wait_for_stop_signal()
+        await stopped.wait()

@@ -10,7 +10,7 @@ from gateway.app_keys import DB
 from gateway.auth import Role
 from gateway.endpoints import EndpointTable
 from gateway.errors import ApiError, not_found
-from gateway.routes.emails import read_form
+from gateway.forms import read_form
 from schemas.common import Ok
 from schemas.emails import (
     ListTemplates,

@@ -144,11 +144,12 @@ class AttachmentRejected(MimeError):
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    """One file to attach: name as sent by the client, its declared MIME type, the bytes."""
+    """One file to attach: name as sent by the client, its declared MIME type, the bytes (as
+    the upload's buffer, not copied, when it comes from a request)."""
 
     filename: str
     content_type: str
-    data: bytes
+    data: bytes | bytearray
 
 
 # --- attachments ----------------------------------------------------------------------------

@@ -6,6 +6,8 @@ would only hurt the account's reputation. Operators remove entries through the a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import aiomysql
 
 from shared.infra.db import Database, Row
@@ -27,16 +29,22 @@ async def add(
 
 
 async def suppressed_among(db: Database, addresses: list[str]) -> set[str]:
-    """Which of these addresses are suppressed."""
+    """Which of these addresses are suppressed (normalised)."""
+    async with db.cursor() as cur:
+        return await suppressed_in(cur, addresses)
+
+
+async def suppressed_in(cur: aiomysql.Cursor, addresses: Iterable[str]) -> set[str]:
+    """`suppressed_among` on a cursor of the caller's (inside its transaction)."""
     wanted = sorted({normalise(a) for a in addresses})
     if not wanted:
         return set()
     marks = ", ".join(["%s"] * len(wanted))
-    rows = await db.fetchall(
+    await cur.execute(
         f"SELECT email FROM suppressions WHERE email IN ({marks})",  # noqa: S608 - placeholders only
         wanted,
     )
-    return {row["email"] for row in rows}
+    return {row["email"] for row in await cur.fetchall()}
 
 
 async def page(db: Database, *, page: int, limit: int) -> tuple[list[Row], int]:

@@ -35,7 +35,7 @@ def name_from_filename(filename: str) -> str:
     return name
 
 
-def decode_html(raw: bytes) -> str:
+def decode_html(raw: bytes | bytearray) -> str:
     """The template's text: UTF-8 (a BOM is dropped), at most MAX_TEMPLATE_BYTES."""
     if len(raw) > MAX_TEMPLATE_BYTES:
         raise TemplateError(f"a template may be at most {MAX_TEMPLATE_BYTES} bytes")

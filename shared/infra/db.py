@@ -46,6 +46,36 @@ async def rerun_if_rolled_back(operation: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
+Item = TypeVar("Item")
+
+
+async def write_in_halves(
+    write: Callable[[list[Item]], Awaitable[Sequence[T | BaseException]]],
+    batch: list[Item],
+    alone: Callable[[Item, Exception], Awaitable[T | BaseException]],
+) -> list[T | BaseException]:
+    """`write(batch)` (run again if InnoDB rolled it back), or each item's own outcome: never
+    raises. A batch of requests written together then answers each request alone.
+
+    When the batch fails for any reason but MySQL being unreachable (every item gets that),
+    it is written again in halves, down to the item that fails: the others commit, and
+    `alone(item, error)` says what the failing one's request gets (e.g. the row stored by an
+    earlier request with the same Idempotency-Key, or the error itself).
+    """
+    try:
+        return list(await rerun_if_rolled_back(lambda: write(batch)))
+    except Exception as exc:
+        if isinstance(exc, DatabaseUnavailable):
+            return [exc] * len(batch)  # every request answers 503
+        if len(batch) > 1:
+            half = len(batch) // 2
+            return [
+                *await write_in_halves(write, batch[:half], alone),
+                *await write_in_halves(write, batch[half:], alone),
+            ]
+        return [await alone(batch[0], exc)]
+
+
 def utcnow() -> datetime:
     """Naive UTC, the form every DATETIME column holds (sessions run with time_zone '+00:00')."""
     return datetime.now(UTC).replace(tzinfo=None)

@@ -38,8 +38,19 @@ class MalformedRequests(logging.Filter):
         return True
 
 
-def configure_logging(settings: Settings) -> None:
-    """Configure structlog and the stdlib root logger (libraries log through it)."""
+def _with_process(name: str) -> structlog.typing.Processor:
+    def add(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event["process"] = name
+        return event
+
+    return add
+
+
+def configure_logging(settings: Settings, *, process: str | None = None) -> None:
+    """Configure structlog and the stdlib root logger (libraries log through it).
+
+    `process` names this process on every line, where several share one log stream (the
+    children of `queue-server run`)."""
     level = getattr(logging, settings.LOG_LEVEL)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
@@ -50,16 +61,25 @@ def configure_logging(settings: Settings) -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            *([_with_process(process)] if process else []),
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
             structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write() per line (PrintLogger's print() makes two when stderr is unbuffered, as
+        # with PYTHONUNBUFFERED=1): the processes of `run` share one stream, and their lines
+        # must not interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=max(level, logging.WARNING),
+        stream=sys.stderr,
+        format=f"%(levelname)s:{process}:%(name)s:%(message)s" if process else logging.BASIC_FORMAT,
+        force=True,
+    )
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, MalformedRequests) for f in server_log.filters):
         server_log.addFilter(MalformedRequests())

@@ -14,7 +14,7 @@ from shared.callbacks.outbox import NewEvent, publish_event, record_events
 from shared.infra import metrics
 from shared.infra.batching import BatcherPerOwner
 from shared.infra.broker import Broker
-from shared.infra.db import Database, DatabaseUnavailable, rerun_if_rolled_back, utcnow
+from shared.infra.db import Database, DatabaseUnavailable, utcnow, write_in_halves
 from shared.infra.ids import new_record_id
 from shared.tasks.model import Added, ExpiryOutOfRange, IdempotencyConflict
 from shared.tasks.rules import (
@@ -134,27 +134,22 @@ async def _publish_added(
 
 
 async def _store(db: Database, batch: list[_NewTask]) -> list[_Stored | BaseException]:
-    """Insert a batch in one transaction, or find each row's own outcome: never raises.
+    """Insert a batch in one transaction, or find each row's own outcome: never raises (a
+    duplicate Idempotency-Key, or anything else one row can cause, reaches only its request)."""
 
-    When the batch fails for any reason but MySQL being unreachable, it rolls back and each
-    half is stored on its own, down to the row that fails: the other rows commit, and only its
-    request sees the error (a duplicate Idempotency-Key, or anything else one row can cause).
-    """
-    try:
-        event_ids = await rerun_if_rolled_back(lambda: _insert(db, batch))
-    except Exception as exc:
-        if isinstance(exc, DatabaseUnavailable):
-            return [exc] * len(batch)  # every request answers 503
-        if len(batch) > 1:
-            half = len(batch) // 2
-            return [*await _store(db, batch[:half]), *await _store(db, batch[half:])]
-        if isinstance(exc, pymysql.err.IntegrityError):
-            return [await _stored_before(db, batch[0], exc)]
-        return [exc]
-    return [
-        _Stored(Added(new.task_id, created=True), event_id)
-        for new, event_id in zip(batch, event_ids, strict=True)
-    ]
+    async def write(rows: list[_NewTask]) -> list[_Stored | BaseException]:
+        event_ids = await _insert(db, rows)
+        return [
+            _Stored(Added(new.task_id, created=True), event_id)
+            for new, event_id in zip(rows, event_ids, strict=True)
+        ]
+
+    async def alone(new: _NewTask, error: Exception) -> _Stored | BaseException:
+        if isinstance(error, pymysql.err.IntegrityError):
+            return await _stored_before(db, new, error)
+        return error
+
+    return await write_in_halves(write, batch, alone)
 
 
 async def _insert(db: Database, batch: list[_NewTask]) -> list[str]:

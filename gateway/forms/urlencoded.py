@@ -11,11 +11,14 @@ beyond them the body is refused (400) rather than cut short.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection, Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from qs_codec import DecodeOptions, decode
 
+from gateway.bodies import log_unknown_fields, too_large
 from gateway.errors import ApiError
 
 FORM_TYPE = "application/x-www-form-urlencoded"
@@ -44,4 +47,28 @@ def decode_form(raw: bytes) -> dict[str, Any]:
         fields: dict[str, Any] = decode(text, _OPTIONS)
     except (ValueError, IndexError) as exc:  # over a limit: qs-codec says which
         raise ApiError(400, f"urlencoded body: {exc}", "BAD_FORM") from exc
+    return fields
+
+
+def text_fields(
+    raw: bytes, text_limits: Mapping[str, int], file_fields: Collection[str]
+) -> dict[str, str]:
+    """A form's text fields sent urlencoded, each within its cap in `text_limits`; `data` may
+    also come as `data[NAME]=value` pairs. Unknown fields are ignored (and logged by name)."""
+    decoded = decode_form(raw)
+    if any(name in decoded for name in file_fields):
+        raise ApiError(400, "attachments need a multipart/form-data body", "BAD_FORM")
+    fields: dict[str, str] = {}
+    for name, limit in text_limits.items():
+        value = decoded.get(name)
+        if name == "data" and isinstance(value, dict):
+            value = json.dumps(value, ensure_ascii=False)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ApiError(400, f"{name}: give it once, as text", "BAD_FORM")
+        if len(value.encode("utf-8", "surrogatepass")) > limit:
+            raise too_large(limit, name)
+        fields[name] = value
+    log_unknown_fields(decoded.keys() - text_limits.keys())
     return fields
