@@ -13,7 +13,7 @@ import aio_pika
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import isolated_ses
+from conftest import eventually, isolated_ses
 from pydantic import SecretStr
 
 from gateway.app import create_app
@@ -39,7 +39,9 @@ async def own(base_env: dict[str, str], settings: Settings) -> AsyncIterator[Cli
 
 
 async def park(client: Client, *, type_: str, body: bytes, message_id: str) -> None:
-    """Publish to qs.callbacks and reject it there, as a worker does with a hopeless message."""
+    """Publish to qs.callbacks and reject it there, as a worker does with a hopeless message;
+    return once it is parked (a quorum queue dead-letters on its own time)."""
+    parked = await depth(client, DEAD_LETTER_QUEUE)
     connection = client.app[BROKER].connection
     async with connection.channel() as channel:
         await channel.default_exchange.publish(
@@ -50,6 +52,11 @@ async def park(client: Client, *, type_: str, body: bytes, message_id: str) -> N
         message = await queue.get(timeout=10)
         assert message is not None and message.message_id == message_id
         await message.reject(requeue=False)
+
+    async def arrived() -> bool:
+        return await depth(client, DEAD_LETTER_QUEUE) == parked + 1
+
+    await eventually(arrived, 10, f"{message_id} in the dead-letter queue")
 
 
 async def depth(client: Client, name: str) -> int:
@@ -88,7 +95,12 @@ async def test_lists_parked_messages_and_sends_back_what_can_run(
     assert rest["requeued"] == ["m-1"]
     assert [s["message_id"] for s in rest["skipped"]] == ["m-2"]
     assert "not decodable" in rest["skipped"][0]["reason"]
-    assert await depth(own, DEAD_LETTER_QUEUE) == 1  # only the undecodable one is still parked
+
+    async def only_the_undecodable_one_parked() -> bool:
+        # The broker puts back what a closed channel left unacknowledged on its own time.
+        return await depth(own, DEAD_LETTER_QUEUE) == 1
+
+    await eventually(only_the_undecodable_one_parked, 10, "m-2 back in the dead-letter queue")
     # Back in their work queue, through the cascade, as fresh commands.
     async with own.app[BROKER].connection.channel() as channel:
         queue = await channel.get_queue(WORK_QUEUES["callbacks"], ensure=False)
