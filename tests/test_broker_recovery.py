@@ -10,7 +10,9 @@ one).
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,7 +37,7 @@ from ses_emulator import free_port
 
 from schemas.messages import DeliverCallback
 from shared.infra import metrics
-from shared.infra.broker import WORK_QUEUES, Broker
+from shared.infra.broker import WORK_QUEUES, Broker, cascade_for, declare_topology
 from shared.infra.link import Session
 from shared.infra.settings import Settings
 
@@ -266,3 +268,61 @@ async def test_publishes_unconfirmed_when_the_connection_broke_are_sent_again(
         assert arrived == set(ids)
     finally:
         await broker.close()
+
+
+# --- quorum queues sized for the cluster ------------------------------------------------------
+
+
+def queue_arguments(vhost: str) -> dict[str, dict[str, object]]:
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "arguments", "--formatter=json"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return {q["name"]: {a[0]: a[2] for a in q["arguments"]} for q in json.loads(listed.stdout)}
+
+
+async def test_every_queue_is_declared_with_the_replication_size(
+    settings: Settings, vhost: str
+) -> None:
+    mine = settings_for(settings, via(BROKER_PORT, vhost=vhost))
+    broker = await Broker.connect(mine.model_copy(update={"RABBITMQ_QUORUM_INITIAL_GROUP_SIZE": 5}))
+    try:
+        await broker.setup()
+    finally:
+        await broker.close()
+    declared = queue_arguments(vhost)
+    assert len(declared) == len(WORK_QUEUES) + 1 + mine.DELAY_LEVELS  # + dead letters
+    assert {args.get("x-quorum-initial-group-size") for args in declared.values()} == {5}
+
+
+async def test_queues_declared_before_the_replication_size_are_kept_as_they_are(
+    settings: Settings, vhost: str
+) -> None:
+    """An installation upgraded to this version: its queues were declared without the argument,
+    which RabbitMQ would refuse as PRECONDITION_FAILED on every declare; they are kept (and
+    what they hold), and only new queues get it."""
+    mine = settings_for(settings, via(BROKER_PORT, vhost=vhost))
+    older = await aio_pika.connect(mine.rabbitmq_urls[0])
+    try:
+        await declare_topology(await older.channel(), cascade_for(mine))  # as before
+        channel = await older.channel()
+        waiting = aio_pika.Message(b"{}", type="task.expire", delivery_mode=2)
+        await channel.default_exchange.publish(waiting, routing_key=WORK_QUEUES["expiry"])
+        await channel.queue_delete(mine_level := f"qs.cascade.{mine.DELAY_LEVELS - 1:02d}")
+    finally:
+        await older.close()
+
+    broker = await Broker.connect(mine)
+    try:
+        await broker.setup()
+        await broker.setup()  # and again: still nothing refused
+        async with broker.channel() as channel:
+            expiry = await channel.get_queue(WORK_QUEUES["expiry"], ensure=True)
+            assert expiry.declaration_result.message_count == 1
+    finally:
+        await broker.close()
+    declared = queue_arguments(vhost)
+    assert "x-quorum-initial-group-size" not in declared[WORK_QUEUES["expiry"]]
+    assert declared[mine_level]["x-quorum-initial-group-size"] == 3  # declared anew

@@ -19,7 +19,10 @@ MIN_SALT_LENGTH = 32
 class Settings(BaseSettings):
     """Configuration. Names of the original service's variables are kept as they were."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=True)
+    # hide_input_in_errors: a refused value can be a secret (RABBITMQ_URL carries a password).
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=True, hide_input_in_errors=True
+    )
 
     # --- the original's variables -------------------------------------------------
     ADMIN_API_KEY: SecretStr
