@@ -66,6 +66,15 @@ CLOSE_GRACE_S = 10.0
 RESEND_WINDOW_S = 5.0
 RESEND_ATTEMPTS = 2
 
+# What a publish fails with when its connection or channel went away: sent again. A nack or a
+# return (DeliveryError) is the broker refusing it, and is not.
+_CONNECTION_GONE = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.AMQPChannelError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
+
 
 class BrokerUnavailable(Exception):
     """The broker did not accept or confirm a publish; the caller leaves it to the reconciler."""
@@ -343,12 +352,12 @@ class Broker:
             try:
                 await self._send(publish)
                 return
-            except aiormq.exceptions.DeliveryError as exc:  # a nack, or returned unroutable
-                raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
-            except Exception as exc:
+            except _CONNECTION_GONE as exc:
                 if attempt == RESEND_ATTEMPTS or not await self._reconnected(session):
                     raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
                 metrics.BROKER_RESENT.inc()
+            except Exception as exc:  # a nack, returned unroutable, a value AMQP cannot carry
+                raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def _send(self, publish: Publish) -> None:
         confirm = await self._outbox.submit(publish)

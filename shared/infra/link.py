@@ -214,9 +214,6 @@ class Link:
     def closed(self) -> bool:
         return self._closed
 
-    def is_connected(self) -> bool:
-        return self.session is not None and self.session.is_open()
-
     def is_ready(self) -> bool:
         """Connected, and every subscription consuming on this session."""
         session = self.session
