@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from costs import SENDER, Run, load, ses_pids, wait_consumed
+from costs import SENDER, Run, email_form, load, ses_pids, wait_consumed
 from measure import cpu_seconds
 from own_services import OwnServices, own_services
 from ses_emulator import SesEmulator
@@ -95,17 +95,7 @@ async def client_load(
         n = next(turn)
         url = gateways[n % len(gateways)]
         if n % every == 0:
-            form = aiohttp.FormData(default_to_multipart=True)
-            for name, value in {
-                "shortName": "Bench",
-                "email": f"reader{n}@example.org",
-                "sendEmail": SENDER,
-                "replyEmail": "support@example.com",
-                "subject": f"Message {n}",
-                "text": "Hello from the scale bench. " * 36,
-                "data": "{}",
-            }.items():
-                form.add_field(name, value)
+            form = email_form(n)
             async with http.post(url + "/server/email/add", data=form, headers=key) as resp:
                 if resp.status == 200:
                     emails[0] += 1

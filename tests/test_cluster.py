@@ -25,7 +25,6 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import aio_pika
 import aiohttp
 import pymysql
 import pytest
@@ -38,16 +37,11 @@ from test_faults import (
     FAST,
     WORKERS,
     Fleet,
-    Load,
     check_promises,
-    email_load,
+    nothing_lost,
     queue_depths,
-    table,
-    task_load,
-    unsettled,
+    under_load,
 )
-
-from shared.infra.broker import WORK_QUEUES
 
 pytestmark = pytest.mark.skipif(
     shutil.which(str(SCRIPTS / "rabbitmq-server")) is None, reason="needs rabbitmq-server"
@@ -65,18 +59,9 @@ class ClusterFleet(Fleet):
     cluster: Cluster = field(default=None)  # type: ignore[assignment]
     vhost: str = ""
 
-    def node_url(self) -> str:
-        """A URL of a node that runs (the test's own checks connect to one node at a time)."""
+    def amqp_url(self) -> str:
+        """A node that runs (the test's own checks connect to one node at a time)."""
         return self.cluster.urls(self.vhost, self.cluster.running()[:1])
-
-    async def consumed(self, destination: str) -> bool:
-        connection = await aio_pika.connect(self.node_url())
-        try:
-            channel = await connection.channel()
-            queue = await channel.declare_queue(WORK_QUEUES[destination], passive=True)
-            return bool(queue.declaration_result.consumer_count)
-        finally:
-            await connection.close()
 
     async def connections(self) -> Counter[str]:
         """Node name -> connections to this test's vhost on it (known by the port they are on)."""
@@ -107,9 +92,7 @@ async def fleet(
     try:
         await cluster.add_vhost(run)
         await ses.verify_sender(SES_SENDER)
-        await fleet.start("gateway")  # migrates and declares the topology first
-        for name in WORKERS:
-            await fleet.start(name)
+        await fleet.start_all()
         yield fleet
     finally:
         fleet.stop_all()
@@ -134,30 +117,24 @@ async def inject_node_losses(fleet: ClusterFleet) -> list[str]:
     def note(what: str) -> None:
         injected.append(f"t+{time.monotonic() - started:5.1f} s  {what}")
 
-    await asyncio.sleep(4)
-    counted = await fleet.connections()
-    busiest = counted.most_common(1)[0][0]
-    victim = next(n for n in cluster.nodes if n.name == busiest)
-    await cluster.stop(victim)
-    stopped = time.monotonic()
-    note(f"stopped node {victim.letter} (clean shutdown), {counted[busiest]} connections on it")
-    await eventually(lambda: all_moved_off(fleet, victim), 60, "every process to move")
-    note(f"  every process connected to another node {time.monotonic() - stopped:.1f} s later")
-    await asyncio.sleep(3)
-    await cluster.start_node(victim)
-    note(f"node {victim.letter} started again")
+    async def lose(node: Node, how: str) -> None:
+        lost = time.monotonic()
+        await (cluster.stop(node) if how == "stopped" else cluster.kill(node))
+        note(f"{how} node {node.letter}")
+        await eventually(lambda: all_moved_off(fleet, node), 60, "every process to move")
+        note(f"  every process on another node {time.monotonic() - lost:.1f} s later")
+        await asyncio.sleep(3)
+        await cluster.start_node(node)
+        note(f"node {node.letter} started again")
 
+    await asyncio.sleep(4)
+    busiest = (await fleet.connections()).most_common(1)[0][0]
+    await lose(next(n for n in cluster.nodes if n.name == busiest), "stopped")  # clean shutdown
     leader = await cluster.leader_of_most(fleet.vhost, "qs.cascade.")
     await cluster.wait_quorum_safe(leader)
     await asyncio.sleep(3)
-    await cluster.kill(leader)
-    killed = time.monotonic()
-    note(f"killed node {leader.letter} (SIGKILL), the leader of most delay levels")
-    await eventually(lambda: all_moved_off(fleet, leader), 60, "every process to move")
-    note(f"  every process connected to a live node {time.monotonic() - killed:.1f} s later")
-    await asyncio.sleep(3)
-    await cluster.start_node(leader)
-    note(f"node {leader.letter} started again")
+    note(f"node {leader.letter} leads most delay levels")
+    await lose(leader, "killed (SIGKILL)")
     await asyncio.sleep(3)
     return injected
 
@@ -166,46 +143,23 @@ async def test_nothing_is_lost_when_the_cluster_loses_a_node_twice(
     fleet: ClusterFleet, capsys: pytest.CaptureFixture[str]
 ) -> None:
     receiver = await Receiver.start()
-    load, stop = Load(), asyncio.Event()
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-            admin = {"Authorization": f"Bearer {fleet.env['ADMIN_API_KEY']}"}
-            body = {"api_name": "cluster", "return_api": receiver.url("events")}
-            async with http.post(fleet.url + "/server/api/create", json=body, headers=admin) as r:
-                assert r.status == 200, await r.text()
-                key = {"Authorization": f"Bearer {(await r.json())['api_key']}"}
-            drivers = [
-                asyncio.create_task(task_load(http, fleet.url, key, load, stop)),
-                asyncio.create_task(email_load(http, fleet.url, key, load, stop)),
-            ]
-            try:
-                injected = await inject_node_losses(fleet)
-            finally:
-                stop.set()
-                await asyncio.gather(*drivers, return_exceptions=True)
-            assert await asyncio.gather(*drivers) == [None, None]  # the load itself never broke
-
-            deadline = time.monotonic() + 120
-            while waiting := unsettled(fleet, load):
-                assert time.monotonic() < deadline, f"still not settled after 120 s: {waiting}"
-                await asyncio.sleep(1)
-            verdict = await check_promises(fleet, load, receiver)
-            async with http.get(fleet.url + "/readyz") as r:
-                assert r.status == 200, "the gateway is not ready"
+        load, injected = await under_load(
+            fleet, receiver.url("events"), lambda: inject_node_losses(fleet)
+        )
+        verdict = await check_promises(fleet, load, receiver)
+        async with aiohttp.ClientSession() as http, http.get(fleet.url + "/readyz") as r:
+            assert r.status == 200, "the gateway is not ready"
         for destination in CONSUMES.values():  # every worker consumes again
             assert await fleet.consumed(destination), destination
-        depths = await queue_depths(fleet.node_url())
+        depths = await queue_depths(fleet.amqp_url())
         members = await fleet.cluster.queues(fleet.vhost, "name", "members")
     finally:
         await receiver.stop()
 
     with capsys.disabled():
         print("\n\ncluster test, 3 nodes, injected:\n  " + "\n  ".join(injected))
-        print(table(verdict))
-        print(f"requests refused while a node was down: {dict(load.refused)}")
-    tasks, emails, callbacks = verdict
-    assert tasks[3:] == (0, 0) and emails[3:] == (0, 0), "lost or twice"
-    assert emails[0].startswith("emails (0 unconfirmed"), "no worker died: none may be unsure"
-    assert callbacks[3] == 0, "a callback event never reached the receiver"
+    nothing_lost(capsys, verdict, load)
+    assert verdict[1][0].startswith("emails (0 unconfirmed"), "no worker died: none unsure"
     assert depths == dict.fromkeys(depths, 0)
     assert all(len(q["members"]) == 3 for q in members), "a queue without 3 replicas"  # type: ignore[arg-type]
