@@ -61,6 +61,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lead", type=float, default=45, help="first task due after (45 s)")
     parser.add_argument("--window", type=float, default=20, help="tasks due over (20 s)")
     parser.add_argument("--concurrency", type=int, default=32, help="clients (32)")
+    parser.add_argument("--nodes", type=int, default=1, help="RabbitMQ nodes (1; 3: a cluster)")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="a setting, repeatable"
+    )
     parser.add_argument("--json", help="also write the µs per operation here (bench/scale.py)")
     return parser.parse_args()
 
@@ -203,7 +207,8 @@ async def email_adds(http: aiohttp.ClientSession, url: str, key: dict[str, str],
 def print_report(run: Run, footprint: list[str], started_load: str) -> None:
     print(f"\nload before: {started_load}\nload after:  {load()}")
     print("idle CPU (% of a core): " + ", ".join(f"{n} {v * 100:.1f}" for n, v in run.idle.items()))
-    names = [*PROCESSES, "rabbitmq", "mariadb", "ses-moto"]
+    measured = run.rows[0][3] if run.rows else {}
+    names = [*PROCESSES, *(n for n in measured if n not in PROCESSES and n != "ses-proxy")]
     print(f"\n{'µs of CPU per operation':28}" + "".join(f"{n:>11}" for n in names))
     for phase, count, wall, per_op in run.rows:
         label = f"{phase} (n={count}, {wall:.0f} s)"
@@ -214,7 +219,7 @@ def print_report(run: Run, footprint: list[str], started_load: str) -> None:
 async def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     started_load = load()
     print(f"{started_load}; starting our own MariaDB and RabbitMQ node...", flush=True)
-    async with own_services() as own, receiver() as recv:
+    async with own_services(args.nodes) as own, receiver() as recv:
         ses = await SesEmulator.start()
         workdir = own.root / "work"
         workdir.mkdir()
@@ -232,6 +237,7 @@ async def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             "TASK_SWEEP_GRACE_SECONDS": "3600",
             "RECONCILE_GRACE_SECONDS": "3600",
             "STATUS_REFRESH_SECONDS": "3600",
+            **dict(setting.split("=", 1) for setting in args.env),
         }
         run = Run(own, env, workdir, others=ses_pids(ses))
         try:

@@ -10,6 +10,7 @@ cluster test's (tests/rabbit_cluster.py), alone. Needs root (CI and the dev VM r
     async with own_services() as own:
         own.env              # MYSQL_* and RABBITMQ_URL for Settings and `queue-server`
         own.pids             # {"rabbitmq": beam.smp pid, "mariadb": mariadbd pid}
+    async with own_services(nodes=3) as own:   # a cluster: rabbitmq-a, -b, -c
         own.broker_disk()    # bytes under the node's data dir
 """
 
@@ -51,7 +52,9 @@ class OwnServices:
     @property
     def env(self) -> dict[str, str]:
         # A long heartbeat: benches pause workers (SIGSTOP) between phases.
-        url = f"amqp://guest:guest@127.0.0.1:{self.node.port}/?heartbeat=600"
+        url = ",".join(
+            f"amqp://guest:guest@127.0.0.1:{n.port}/?heartbeat=600" for n in self.cluster.nodes
+        )
         return {
             "MYSQL_HOST": "127.0.0.1",
             "MYSQL_PORT": str(self.mysql_port),
@@ -62,7 +65,10 @@ class OwnServices:
 
     @property
     def pids(self) -> dict[str, int]:
-        return {"rabbitmq": beam_of(self.node), "mariadb": self.mariadb.pid}
+        """rabbitmq (or rabbitmq-a, -b, -c on a cluster) and mariadb."""
+        nodes = self.cluster.nodes
+        named = {"rabbitmq" + (f"-{n.letter}" if len(nodes) > 1 else ""): n for n in nodes}
+        return {**{name: beam_of(n) for name, n in named.items()}, "mariadb": self.mariadb.pid}
 
     def mysql(self, sql: str, database: str | None = None) -> list[dict[str, object]]:
         conn = pymysql.connect(
@@ -93,8 +99,13 @@ class OwnServices:
         return {str(r["t"]): int(r["b"]) for r in rows}  # type: ignore[call-overload]
 
     def broker_disk(self) -> int:
-        """Bytes under the node's data dir (quorum queues' WAL and segments, metadata)."""
-        return sum(f.stat().st_size for f in (self.node.home / "mnesia").rglob("*") if f.is_file())
+        """Bytes under the nodes' data dirs (quorum queues' WAL and segments, metadata)."""
+        return sum(
+            f.stat().st_size
+            for n in self.cluster.nodes
+            for f in (n.home / "mnesia").rglob("*")
+            if f.is_file()
+        )
 
 
 def beam_of(node: Node) -> int:
@@ -112,13 +123,15 @@ def beam_of(node: Node) -> int:
 
 
 @asynccontextmanager
-async def own_services() -> AsyncIterator[OwnServices]:
+async def own_services(nodes: int = 1) -> AsyncIterator[OwnServices]:
+    """MariaDB, and RabbitMQ: one node, or a cluster of `nodes` (quorum queues replicated on
+    up to 3 of them, the service's default)."""
     root = Path(tempfile.mkdtemp(prefix="qs-bench-own-"))
     mariadb: subprocess.Popen[bytes] | None = None
     cluster: Cluster | None = None
     try:
         mariadb, port = await asyncio.to_thread(_start_mariadb, root)
-        cluster = await Cluster.start(1)
+        cluster = await Cluster.start(nodes)
         yield OwnServices(root, port, mariadb, cluster)
     finally:
         if cluster is not None:

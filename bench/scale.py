@@ -50,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=30, help="measured seconds (30)")
     parser.add_argument("--email-every", type=int, default=10, help="1 request in N (10)")
     parser.add_argument("--costs", help="µs per operation from bench/costs.py --json")
+    parser.add_argument("--nodes", type=int, default=1, help="RabbitMQ nodes (1)")
     return parser.parse_args()
 
 
@@ -179,6 +180,19 @@ def kind_of(process: str) -> str:
     return process.split("-")[0]
 
 
+def modelled(costs: dict[str, dict[str, float]], rates: dict[str, float], kind: str) -> float:
+    """Cores the model gives processes of `kind` at `rates`: rate times µs per operation."""
+    return (
+        sum(
+            rates[op] * us
+            for op in OPERATIONS
+            for process, us in costs[op].items()
+            if kind_of(process) == kind
+        )
+        / 1e6
+    )
+
+
 def report(
     sets: int, start: Window, end: Window, costs: dict[str, dict[str, float]] | None
 ) -> None:
@@ -198,14 +212,12 @@ def report(
     for kind in sorted(used, key=lambda k: -used[k]):
         line = f"  {kind:28}{used[kind] * 100:>10.0f}"
         if costs and kind in KINDS:
-            predicted = sum(rates[op] * costs[op].get(kind, 0) for op in OPERATIONS) / 1e6
-            line += f"{predicted * 100:>10.0f}"
+            line += f"{modelled(costs, rates, kind) * 100:>10.0f}"
         print(line)
     total = sum(used[k] for k in KINDS if k in used)
     line = f"  {'the service (all but bench, ses)':28}{total * 100:>10.0f}"
     if costs:
-        modelled = sum(rates[op] * sum(costs[op].values()) for op in OPERATIONS) / 1e6
-        line += f"{modelled * 100:>10.0f}"
+        line += f"{sum(modelled(costs, rates, kind) for kind in KINDS) * 100:>10.0f}"
     print(line)
     requests = rates["add"] + rates["email_add"]
     per_request = total / max(requests, 1e-9) * 1e6
@@ -214,7 +226,7 @@ def report(
 
 async def main(args: argparse.Namespace, costs: dict[str, dict[str, float]] | None) -> None:
     print(f"{load()}; starting our own MariaDB and RabbitMQ node...", flush=True)
-    async with own_services() as own:
+    async with own_services(args.nodes) as own:
         ses = await SesEmulator.start()
         try:
             await ses.verify_sender(SENDER)
@@ -227,5 +239,5 @@ async def main(args: argparse.Namespace, costs: dict[str, dict[str, float]] | No
 
 if __name__ == "__main__":
     arguments = parse_args()
-    modelled = json.loads(Path(arguments.costs).read_text()) if arguments.costs else None
-    asyncio.run(main(arguments, modelled))
+    per_op = json.loads(Path(arguments.costs).read_text()) if arguments.costs else None
+    asyncio.run(main(arguments, per_op))
