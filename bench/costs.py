@@ -341,11 +341,13 @@ async def measure(run: Run, recv: Receiver, args: argparse.Namespace) -> list[st
 
 
 async def broker_footprint(run: Run) -> tuple[int, int, int, float]:
-    """Messages queued, the queues' memory, the data dir's bytes, the node's RSS (MB)."""
+    """Messages queued, the queues' memory, the data dirs' bytes, the nodes' RSS (MB); on a
+    cluster, `messages` counts each once and the rest every replica."""
     queues = await run.own.cluster.queues("/", "name", "messages", "memory")
     messages = sum(int(q["messages"]) for q in queues)  # type: ignore[call-overload]
     memory = sum(int(q["memory"]) for q in queues)  # type: ignore[call-overload]
-    return messages, memory, run.own.broker_disk(), rss_mb(run.own.pids["rabbitmq"])
+    rss = sum(rss_mb(pid) for name, pid in run.own.pids.items() if name.startswith("rabbitmq"))
+    return messages, memory, run.own.broker_disk(), rss
 
 
 def describe_footprint(
