@@ -117,24 +117,24 @@ async def inject_node_losses(fleet: ClusterFleet) -> list[str]:
     def note(what: str) -> None:
         injected.append(f"t+{time.monotonic() - started:5.1f} s  {what}")
 
-    async def lose(node: Node, how: str) -> None:
+    async def lose(node: Node, clean: bool) -> None:
         lost = time.monotonic()
-        await (cluster.stop(node) if how == "stopped" else cluster.kill(node))
-        note(f"{how} node {node.letter}")
+        note(f"node {node.letter}: " + ("clean shutdown" if clean else "killed (SIGKILL)"))
+        await (cluster.stop(node) if clean else cluster.kill(node))
         await eventually(lambda: all_moved_off(fleet, node), 60, "every process to move")
-        note(f"  every process on another node {time.monotonic() - lost:.1f} s later")
+        note(f"  every process on another node {time.monotonic() - lost:.1f} s after")
         await asyncio.sleep(3)
         await cluster.start_node(node)
         note(f"node {node.letter} started again")
 
     await asyncio.sleep(4)
     busiest = (await fleet.connections()).most_common(1)[0][0]
-    await lose(next(n for n in cluster.nodes if n.name == busiest), "stopped")  # clean shutdown
+    await lose(next(n for n in cluster.nodes if n.name == busiest), clean=True)
     leader = await cluster.leader_of_most(fleet.vhost, "qs.cascade.")
     await cluster.wait_quorum_safe(leader)
     await asyncio.sleep(3)
     note(f"node {leader.letter} leads most delay levels")
-    await lose(leader, "killed (SIGKILL)")
+    await lose(leader, clean=False)
     await asyncio.sleep(3)
     return injected
 
