@@ -231,6 +231,8 @@ class Broker:
     group_size: int = 3
     _outbox: Batcher[Publish, asyncio.Future[Any]] = field(init=False)
     _detached: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    # Queues declared before with another replication size: kept as they are (quorum.py).
+    _kept_queues: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self._outbox = Batcher(self._write, limit=PUBLISH_BATCH_LIMIT)
@@ -285,7 +287,7 @@ class Broker:
         self.link.on_reconnect = self._declare
 
     async def _declare(self, session: Session) -> None:
-        declarer = QuorumDeclarer(session.connection, self.group_size)
+        declarer = QuorumDeclarer(session.connection, self.group_size, self._kept_queues)
         try:
             await declare_topology(declarer, self.cascade)
         finally:

@@ -45,11 +45,17 @@ class Declaring(Protocol):
 
 class QuorumDeclarer:
     """Declares on a channel of `connection`, giving every quorum queue `group_size` replicas;
-    opens a new channel when a refusal closed the last one."""
+    opens a new channel when a refusal closed the last one.
 
-    def __init__(self, connection: AbstractConnection, group_size: int) -> None:
+    `kept` names the queues already found declared another way: they are declared passively
+    at once (a process re-declares its topology on every reconnect)."""
+
+    def __init__(
+        self, connection: AbstractConnection, group_size: int, kept: set[str] | None = None
+    ) -> None:
         self._connection = connection
         self._group_size = group_size
+        self._kept = set() if kept is None else kept
         self._channel: AbstractChannel | None = None
 
     async def channel(self) -> AbstractChannel:
@@ -86,17 +92,18 @@ class QuorumDeclarer:
             return await (await self.channel()).declare_queue(
                 name, durable=durable, arguments=arguments
             )
-        sized = {**(arguments or {}), GROUP_SIZE: self._group_size}
-        try:
-            return await (await self.channel()).declare_queue(
-                name, durable=durable, arguments=sized
-            )
-        except ChannelPreconditionFailed as exc:
-            if GROUP_SIZE not in str(exc):
-                raise  # another argument differs: a real mismatch, as before
-        queue = await (await self.channel()).declare_queue(name, passive=True)
-        log.info("broker.queue_kept", queue=name, note="declared before with another group size")
-        return queue
+        if name not in self._kept:
+            sized = {**(arguments or {}), GROUP_SIZE: self._group_size}
+            try:
+                return await (await self.channel()).declare_queue(
+                    name, durable=durable, arguments=sized
+                )
+            except ChannelPreconditionFailed as exc:
+                if GROUP_SIZE not in str(exc):
+                    raise  # another argument differs: a real mismatch, as before
+            self._kept.add(name)
+            log.info("broker.queue_kept", queue=name, note="declared with another group size")
+        return await (await self.channel()).declare_queue(name, passive=True)
 
 
 def is_quorum(arguments: Mapping[str, Any] | None) -> bool:
