@@ -175,6 +175,19 @@ async def wait_consumed(
             raise RuntimeError(f"{name} never consumed")
 
 
+async def wait_ready(http: aiohttp.ClientSession, gateways: list[str]) -> None:
+    """Until every gateway's /readyz answers 200 (60 s at most each)."""
+    for url in gateways:
+        for _ in range(300):
+            try:
+                async with http.get(url + "/readyz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+
+
 def email_form(n: int) -> aiohttp.FormData:
     """An email/add body: a text email of about one kilobyte, no template, no attachment."""
     form = aiohttp.FormData(default_to_multipart=True)
@@ -266,14 +279,7 @@ async def measure(run: Run, recv: Receiver, args: argparse.Namespace) -> list[st
         run.start(name, "worker", name)
     await wait_consumed(run, ("expiry", "callbacks", "email"))
     async with http_session() as http:
-        for _ in range(300):
-            try:
-                async with http.get(gateway + "/readyz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
+        await wait_ready(http, [gateway])
         key = await create_key(http, gateway, run, recv.url)  # type: ignore[arg-type]
         run.pause("callbacks", "email")
         await run.measure_idle()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from costs import SENDER, Run, email_form, load, ses_pids, wait_consumed
+from costs import SENDER, Run, email_form, load, ses_pids, wait_consumed, wait_ready
 from measure import cpu_seconds
 from own_services import OwnServices, own_services
 from ses_emulator import SesEmulator
@@ -161,18 +161,6 @@ async def one_run(
 
 def _run_command(command: str, env: dict[str, str]) -> None:
     subprocess.run([EXE, command], env={**os.environ, **env}, check=True, capture_output=True)
-
-
-async def wait_ready(http: aiohttp.ClientSession, gateways: list[str]) -> None:
-    for url in gateways:
-        for _ in range(300):
-            try:
-                async with http.get(url + "/readyz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
 
 
 def kind_of(process: str) -> str:
