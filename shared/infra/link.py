@@ -8,7 +8,9 @@ connection is ours, over aio-pika's plain one:
 
 - a *session* is one connection to one node, its confirming publish channel, and a channel per
   subscription (a consumer of one queue). It is opened whole (any node, each attempt bounded by
-  RABBITMQ_CONNECT_TIMEOUT_SECONDS) or not at all, and thrown away whole when any part closes;
+  RABBITMQ_CONNECT_TIMEOUT_SECONDS) or not at all, and thrown away whole when its connection or
+  publish channel closes (a consumer whose own channel the broker closed, or whose consumer it
+  cancelled, is attached again on the same connection, or the session goes if that fails);
 - the *supervisor* waits for the session to break, then opens a new one on any node, the nodes
   shuffled, with jittered exponential backoff between rounds;
 - the *watchdog* looks every second: when the process has not had an open session with every
@@ -78,14 +80,20 @@ class Subscription:
 
     async def attach(self, connection: AbstractConnection) -> None:
         channel = await connection.channel()
-        await channel.set_qos(prefetch_count=self.prefetch)
-        # Passive: a worker never creates a queue (the gateway declares the topology), so a
-        # missing queue fails the session instead of consuming from a queue without arguments.
-        queue = await channel.get_queue(self.queue, ensure=True)
-        self._tag = await queue.consume(self.on_message)
-        underlay = await channel.get_underlay_channel()
-        if not isinstance(underlay, aiormq.Channel):
-            raise TypeError(f"unexpected channel type {type(underlay).__name__}")
+        try:
+            await channel.set_qos(prefetch_count=self.prefetch)
+            # Passive: a worker never creates a queue (the gateway declares the topology), so a
+            # missing queue fails the session instead of consuming from a queue without its
+            # arguments.
+            queue = await channel.get_queue(self.queue, ensure=True)
+            self._tag = await queue.consume(self.on_message)
+            underlay = await channel.get_underlay_channel()
+            if not isinstance(underlay, aiormq.Channel):
+                raise TypeError(f"unexpected channel type {type(underlay).__name__}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), CLOSE_TIMEOUT_S)
+            raise
         self.channel, self._queue, self._connection = channel, queue, connection
         self._underlay = underlay
 
