@@ -302,7 +302,7 @@ def _children(args: argparse.Namespace, email_transport: str) -> list[Child]:
     """The supervisor's children, each to send email where the supervisor resolved it should."""
     from cli.supervisor import gateway_children, worker_children
 
-    children = gateway_children(args.processes)
+    children = gateway_children(args.processes, setup_broker=not args.no_setup_broker)
     if args.command == "run":
         children += worker_children(callbacks=args.callbacks_processes)
     return [replace(c, env={**c.env, "EMAIL_TRANSPORT": email_transport}) for c in children]

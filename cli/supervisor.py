@@ -2,11 +2,12 @@
 
 Python runs one core per process, so the supervisor starts the gateway and the workers as
 separate OS processes (`python -m cli gateway|worker …`), each a plain `queue-server` command
-that also runs alone. It applies migrations and declares the broker topology once before any
-child starts, lets the children write to its own stdout/stderr (one log stream; every line
-carries the child's name in its `process` field), restarts a child that dies (with backoff,
-logged), and on SIGTERM/SIGINT sends every child one SIGTERM, waits for them to drain within
-SHUTDOWN_GRACE_SECONDS and kills what is left.
+that also runs alone. It applies migrations and declares the broker topology before any child
+starts (the gateway children declare it again at their start and on every reconnect), lets the
+children write to its own stdout/stderr (one log stream; every line carries the child's name in
+its `process` field), restarts a child that dies (with backoff, logged), and on SIGTERM/SIGINT
+sends every child one SIGTERM, waits for them to drain within SHUTDOWN_GRACE_SECONDS and kills
+what is left.
 
 Gateway children share one port through SO_REUSEPORT: each binds its own listening socket and
 the kernel spreads new connections over them.
@@ -67,14 +68,15 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def gateway_children(count: int) -> list[Child]:
-    return [
-        Child(
-            f"gateway-{n}",
-            ("gateway", "--processes", "1", "--reuse-port", "--no-migrate", "--no-setup-broker"),
-        )
-        for n in range(1, count + 1)
-    ]
+def gateway_children(count: int, *, setup_broker: bool = True) -> list[Child]:
+    # Unless told not to, each gateway declares the topology too (the supervisor's declaration
+    # came first, so the workers find their queues): a gateway that declared it declares it
+    # again on every reconnect, so a node that lost its definitions gets them back
+    # (shared/infra/broker.py, Broker.setup).
+    args: tuple[str, ...] = ("gateway", "--processes", "1", "--reuse-port", "--no-migrate")
+    if not setup_broker:
+        args += ("--no-setup-broker",)
+    return [Child(f"gateway-{n}", args) for n in range(1, count + 1)]
 
 
 def worker_children(callbacks: int = 1) -> list[Child]:

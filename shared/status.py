@@ -30,7 +30,7 @@ async def queue_depths(broker: Broker) -> dict[str, int]:
     """Ready messages per work queue (and the dead-letter queue), from passive declares."""
     names = [*WORK_QUEUES.values(), DEAD_LETTER_QUEUE]
     depths = {}
-    async with broker.connection.channel() as channel:
+    async with broker.channel() as channel:
         for name in names:
             queue = await channel.declare_queue(name, passive=True)
             depths[name] = int(queue.declaration_result.message_count or 0)

@@ -323,16 +323,15 @@ async def test_single_events_published_at_the_same_moment_share_a_message(
         owner = await key_id(ctx.db, await make_key())
         events = [await record(ctx.db, owner) for _ in range(20)]
         await asyncio.gather(*(publish_event(ctx.broker, e) for e in events))
-        channel = await ctx.broker.connection.channel()
-        queue = await channel.get_queue(WORK_QUEUES["callbacks"], ensure=False)
         carried: list[tuple[str, ...]] = []
-        while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            command = decode(message)
-            if isinstance(command, DeliverCallbacks):
-                carried.append(command.event_ids)
-            elif isinstance(command, DeliverCallback):
-                carried.append((command.event_id,))
-        await channel.close()
+        async with ctx.broker.channel() as channel:
+            queue = await channel.get_queue(WORK_QUEUES["callbacks"], ensure=False)
+            while (message := await queue.get(no_ack=True, fail=False)) is not None:
+                command = decode(message)
+                if isinstance(command, DeliverCallbacks):
+                    carried.append(command.event_ids)
+                elif isinstance(command, DeliverCallback):
+                    carried.append((command.event_id,))
     ours = [ids for ids in carried if set(ids) & set(events)]
     assert sorted(e for ids in ours for e in ids) == sorted(events)  # each exactly once
     assert len(ours) < len(events)  # coalesced, not a message per event

@@ -165,7 +165,7 @@ async def parked_env(base_env: dict[str, str], settings: Settings) -> Any:
         broker = await Broker.connect(mine)
         try:
             await broker.setup()
-            async with broker.connection.channel() as channel:
+            async with broker.channel() as channel:
                 command = DeliverCallback(event_id="evt-cli")
                 await channel.default_exchange.publish(
                     aio_pika.Message(

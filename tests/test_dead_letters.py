@@ -42,8 +42,7 @@ async def park(client: Client, *, type_: str, body: bytes, message_id: str) -> N
     """Publish to qs.callbacks and reject it there, as a worker does with a hopeless message;
     return once it is parked (a quorum queue dead-letters on its own time)."""
     parked = await depth(client, DEAD_LETTER_QUEUE)
-    connection = client.app[BROKER].connection
-    async with connection.channel() as channel:
+    async with client.app[BROKER].channel() as channel:
         await channel.default_exchange.publish(
             aio_pika.Message(body, type=type_, message_id=message_id),
             routing_key=WORK_QUEUES["callbacks"],
@@ -60,7 +59,7 @@ async def park(client: Client, *, type_: str, body: bytes, message_id: str) -> N
 
 
 async def depth(client: Client, name: str) -> int:
-    async with client.app[BROKER].connection.channel() as channel:
+    async with client.app[BROKER].channel() as channel:
         queue = await channel.declare_queue(name, passive=True)
         return int(queue.declaration_result.message_count or 0)
 
@@ -102,7 +101,7 @@ async def test_lists_parked_messages_and_sends_back_what_can_run(
 
     await eventually(only_the_undecodable_one_parked, 10, "m-2 back in the dead-letter queue")
     # Back in their work queue, through the cascade, as fresh commands.
-    async with own.app[BROKER].connection.channel() as channel:
+    async with own.app[BROKER].channel() as channel:
         queue = await channel.get_queue(WORK_QUEUES["callbacks"], ensure=False)
         back = [await queue.get(timeout=10) for _ in range(2)]
     assert sorted(m.message_id or "" for m in back) == ["m-1", "m-3"]

@@ -108,11 +108,10 @@ async def fresh(stack: Stack) -> AsyncIterator[None]:
     )
     await stack.ses.reset_calls()
     yield
-    channel = await stack.broker.connection.channel()
-    for name in ("email-transactional", "email-promotional"):
-        queue = await channel.get_queue(WORK_QUEUES[name], ensure=False)
-        await queue.purge()
-    await channel.close()
+    async with stack.broker.channel() as channel:
+        for name in ("email-transactional", "email-promotional"):
+            queue = await channel.get_queue(WORK_QUEUES[name], ensure=False)
+            await queue.purge()
 
 
 @asynccontextmanager
@@ -170,13 +169,10 @@ def parse(raw: str) -> EmailMessage:
 
 
 async def consumers(broker: Broker, queue_name: str) -> int:
-    channel = await broker.connection.channel()
-    try:
+    async with broker.channel() as channel:
         queue = await channel.declare_queue(queue_name, passive=True)
         count: int = queue.declaration_result.consumer_count
         return count
-    finally:
-        await channel.close()
 
 
 # --- tests --------------------------------------------------------------------------------------

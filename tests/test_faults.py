@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import secrets
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -107,8 +108,18 @@ class Fleet:
         if name in CONSUMES:
             await eventually(lambda: self.consumed(CONSUMES[name]), 60, f"worker {name} to consume")
 
+    async def start_all(self) -> None:
+        """The gateway (it migrates and declares the topology), then a process per worker."""
+        await self.start("gateway")
+        for name in WORKERS:
+            await self.start(name)
+
+    def amqp_url(self) -> str:
+        """Where the test's own checks connect."""
+        return self.env["RABBITMQ_URL"]
+
     async def consumed(self, destination: str) -> bool:
-        connection = await aio_pika.connect(self.env["RABBITMQ_URL"])
+        connection = await aio_pika.connect(self.amqp_url())
         try:
             channel = await connection.channel()
             queue = await channel.declare_queue(WORK_QUEUES[destination], passive=True)
@@ -140,9 +151,7 @@ async def fleet(
     async with isolated_ses(base_env, "qs_chaos", **FAST) as (env, ses):
         fleet = Fleet(env, tmp_path_factory.mktemp("chaos"), free_port(), ses)
         try:
-            await fleet.start("gateway")  # migrates and declares the topology first
-            for name in WORKERS:
-                await fleet.start(name)
+            await fleet.start_all()
             yield fleet
         finally:
             fleet.stop_all()
@@ -299,6 +308,36 @@ async def inject_faults(fleet: Fleet, failing: dict[str, bool]) -> list[str]:
     return injected
 
 
+async def under_load(
+    fleet: Fleet, return_api: str, inject: Callable[[], Awaitable[list[str]]]
+) -> tuple[Load, list[str]]:
+    """A key calling back `return_api`, the task and email load while `inject` runs, then the
+    wait (up to 120 s) until every promise had its chance; the load and what was injected."""
+    load, stop = Load(), asyncio.Event()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        admin = {"Authorization": f"Bearer {fleet.env['ADMIN_API_KEY']}"}
+        body = {"api_name": f"load-{secrets.token_hex(3)}", "return_api": return_api}
+        async with http.post(fleet.url + "/server/api/create", json=body, headers=admin) as r:
+            assert r.status == 200, await r.text()
+            key = {"Authorization": f"Bearer {(await r.json())['api_key']}"}
+        drivers = [
+            asyncio.create_task(task_load(http, fleet.url, key, load, stop)),
+            asyncio.create_task(email_load(http, fleet.url, key, load, stop)),
+        ]
+        try:
+            injected = await inject()
+        finally:
+            stop.set()
+            await asyncio.gather(*drivers, return_exceptions=True)
+        assert await asyncio.gather(*drivers) == [None, None]  # the load itself never broke
+
+    deadline = time.monotonic() + 120
+    while waiting := unsettled(fleet, load):
+        assert time.monotonic() < deadline, f"still not settled after 120 s: {waiting}"
+        await asyncio.sleep(1)
+    return load, injected
+
+
 # --- the verdict ----------------------------------------------------------------------------
 
 
@@ -356,43 +395,32 @@ async def test_every_promise_holds_through_kills_restarts_and_a_failing_receiver
         return Answer(status=500) if failing["on"] else Answer()
 
     receiver.respond("events", answer)
-    load, stop = Load(), asyncio.Event()
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-            admin = {"Authorization": f"Bearer {fleet.env['ADMIN_API_KEY']}"}
-            body = {"api_name": "chaos", "return_api": receiver.url("events")}
-            async with http.post(fleet.url + "/server/api/create", json=body, headers=admin) as r:
-                assert r.status == 200, await r.text()
-                key = {"Authorization": f"Bearer {(await r.json())['api_key']}"}
-            drivers = [
-                asyncio.create_task(task_load(http, fleet.url, key, load, stop)),
-                asyncio.create_task(email_load(http, fleet.url, key, load, stop)),
-            ]
-            try:
-                injected = await inject_faults(fleet, failing)
-            finally:
-                stop.set()
-                await asyncio.gather(*drivers, return_exceptions=True)
-            assert await asyncio.gather(*drivers) == [None, None]  # the load itself never broke
-
-        deadline = time.monotonic() + 120
-        while waiting := unsettled(fleet, load):
-            assert time.monotonic() < deadline, f"still not settled after 120 s: {waiting}"
-            await asyncio.sleep(1)
+        load, injected = await under_load(
+            fleet, receiver.url("events"), lambda: inject_faults(fleet, failing)
+        )
         verdict = await check_promises(fleet, load, receiver)
     finally:
         await receiver.stop()
 
     with capsys.disabled():
         print("\n\nchaos suite, injected:\n  " + "\n  ".join(injected))
+    nothing_lost(capsys, verdict, load)
+    assert await queue_depths(fleet.env["RABBITMQ_URL"]) == dict.fromkeys(
+        [*WORK_QUEUES.values(), DEAD_LETTER_QUEUE], 0
+    )
+
+
+def nothing_lost(
+    capsys: pytest.CaptureFixture[str], verdict: list[tuple[str, int, int, int, int]], load: Load
+) -> None:
+    """Print the accepted / arrived / lost table; fail on anything lost or done twice."""
+    with capsys.disabled():
         print(table(verdict))
         print(f"requests refused while things were down: {dict(load.refused)}")
     (tasks, emails, callbacks) = verdict
     assert tasks[3:] == (0, 0) and emails[3:] == (0, 0), "lost or twice"
     assert callbacks[3] == 0, "a callback event never reached the receiver"
-    assert await queue_depths(fleet.env["RABBITMQ_URL"]) == dict.fromkeys(
-        [*WORK_QUEUES.values(), DEAD_LETTER_QUEUE], 0
-    )
 
 
 async def check_promises(

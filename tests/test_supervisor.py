@@ -14,12 +14,16 @@ import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pymysql
 import pytest
 from conftest import AMQP_BASE, MYSQL, ServiceProcess, eventually
 from receiver import Receiver
 from ses_emulator import free_port
+
+from cli.supervisor import gateway_children
+from shared.infra.link import node_of
 
 EXE = str(Path(sys.executable).parent / "queue-server")
 RUN = ["run", "--processes", "2", "--callbacks-processes", "2"]
@@ -132,6 +136,12 @@ def _pid_alive(pid: int) -> bool:
 async def test_run_supervises_every_component_and_stops_them_all_on_sigterm(
     own_env: dict[str, str], tmp_path: Path
 ) -> None:
+    # RABBITMQ_URL names two nodes, the first one down: the supervisor and every child get the
+    # whole list and connect to the node that answers.
+    base = urlsplit(AMQP_BASE)
+    down = base._replace(netloc=f"{base.username}:{base.password}@127.0.0.1:{free_port()}")
+    vhost = own_env["RABBITMQ_URL"].rsplit("/", 1)[1]
+    own_env = {**own_env, "RABBITMQ_URL": f"{down.geturl()}/{vhost},{own_env['RABBITMQ_URL']}"}
     tree = Tree(own_env, RUN, tmp_path)
     try:
         await _healthy(tree)
@@ -160,6 +170,10 @@ async def test_run_supervises_every_component_and_stops_them_all_on_sigterm(
         RUN_CHILDREN | {"supervisor"}
     )
     assert {line["transport"] for line in transports} == {own_env["EMAIL_TRANSPORT"]}
+    connected = {
+        line["process"]: line["node"] for line in lines if line["event"] == "broker.connected"
+    }
+    assert connected == dict.fromkeys(RUN_CHILDREN | {"supervisor"}, node_of(AMQP_BASE))
 
 
 async def _expire_one_task(tree: Tree, env: dict[str, str], receiver: Receiver) -> None:
@@ -315,3 +329,11 @@ def test_a_port_in_use_stops_the_supervisor_with_one_line(
         )
     assert result.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_gateway_children_declare_the_topology_unless_told_not_to() -> None:
+    # A gateway that declared the topology declares it again after a reconnect to the broker.
+    assert all("--no-setup-broker" not in child.args for child in gateway_children(2))
+    assert all(
+        "--no-setup-broker" in child.args for child in gateway_children(2, setup_broker=False)
+    )

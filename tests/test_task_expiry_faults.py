@@ -100,7 +100,7 @@ async def test_rabbitmq_restart_with_tasks_pending(
     async def consuming_again() -> bool:
         return await consumers_on_expiry(settings) > 0
 
-    # aio-pika's robust connection reconnects after ~5 s; the consumer must come back with it.
+    # The broker link reconnects within seconds (link.py); the consumer must come back with it.
     await eventually(consuming_again, 30, "the expiry worker to consume again after the restart")
 
     async def all_fired() -> bool:

@@ -684,7 +684,8 @@ async def test_closing_the_broker_waits_for_its_detached_publishes(
         async def publish_soon(n: int) -> None:
             await asyncio.sleep(0.3)  # still waiting when close() is called
             message = aio_pika.Message(str(n).encode(), delivery_mode=2)
-            await broker.channel.default_exchange.publish(message, routing_key=queue.name)
+            async with broker.channel() as own:
+                await own.default_exchange.publish(message, routing_key=queue.name)
 
         for n in range(5):
             await broker.detach(publish_soon(n))

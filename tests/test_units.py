@@ -477,3 +477,37 @@ def test_key_settings_from_the_environment() -> None:
     for bad in ({"SALT_PREVIOUS": SALT_A}, {"SALT_PREVIOUS": "short"}, {"CALLBACK_JWT_KEY": "x"}):
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **base, **bad)  # type: ignore[call-arg, arg-type]
+
+
+def test_rabbitmq_url_names_one_node_or_several() -> None:
+    one = _settings(RABBITMQ_URL="amqp://u:p@10.0.0.1:5672/v")
+    assert one.rabbitmq_urls == ("amqp://u:p@10.0.0.1:5672/v",)
+    three = _settings(RABBITMQ_URL=" amqp://u:p@a:5672/v, amqp://u:p@b:5673/v ,amqp://u:p@c/v")
+    assert [u.split("@")[1] for u in three.rabbitmq_urls] == ["a:5672/v", "b:5673/v", "c/v"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://u:secret@a/v,amqp://u:secret@b/other",  # another vhost
+        "amqp://u:secret@a/v,amqp://x:secret@b/v",  # another user
+        "amqp://u:secret@a/v,amqps://u:secret@b/v",  # another scheme
+        "http://u:secret@a/v",
+        "amqp://u:secret@/v",
+        "amqp://u:secret@a:port/v",
+        " , ",
+    ],
+)
+def test_rabbitmq_urls_that_cannot_be_one_broker_are_refused_without_the_secret(url: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as refused:
+        _settings(RABBITMQ_URL=url)
+    assert "secret" not in str(refused.value)
+
+
+def test_the_watchdog_must_outlast_one_connection_attempt() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="RABBITMQ_WATCHDOG_SECONDS"):
+        _settings(RABBITMQ_CONNECT_TIMEOUT_SECONDS=10, RABBITMQ_WATCHDOG_SECONDS=10)

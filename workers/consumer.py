@@ -15,13 +15,14 @@ import time
 from collections.abc import Awaitable, Callable
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from schemas.messages import Command
 from shared.infra import metrics
 from shared.infra.broker import WORK_QUEUES, BrokerUnavailable, decode
 from shared.infra.db import DatabaseUnavailable
+from shared.infra.link import Subscription
 from workers.runtime import Context
 
 log = structlog.get_logger("worker")
@@ -157,36 +158,28 @@ class QueueConsumer:
         self._destination = destination
         self._handle = handle
         self._prefetch = prefetch
-        self._channel: AbstractChannel | None = None
-        self._tag: str | None = None
+        self._subscription: Subscription | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._acks = Acks()
 
     async def start(self) -> None:
-        self._channel = await self._ctx.broker.connection.channel()
-        await self._channel.set_qos(prefetch_count=self._prefetch)
-        # ensure=True: a robust channel only re-creates consumers of queues it declared itself,
-        # so with ensure=False nothing would consume again after a broker reconnect.
-        queue = await self._channel.get_queue(WORK_QUEUES[self._destination], ensure=True)
-        self._queue = queue
-        self._tag = await queue.consume(self._on_message)
-        log.info("consumer.started", worker=self.name, queue=queue.name)
+        """Consume, now and after every reconnect (the broker link attaches it again)."""
+        queue = WORK_QUEUES[self._destination]
+        self._subscription = await self._ctx.broker.consume(queue, self._prefetch, self._on_message)
+        log.info("consumer.started", worker=self.name, queue=queue)
 
     async def stop(self, grace: float) -> None:
         """Stop taking new messages, let in-flight ones finish within `grace`, then close."""
-        if self._tag is not None:
-            try:
-                await self._queue.cancel(self._tag)
-            except Exception as exc:  # the channel may already be gone; nothing to cancel then
-                log.warning("consumer.cancel_failed", worker=self.name, error=str(exc))
-            self._tag = None
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await self._ctx.broker.stop_consuming(subscription)
         if self._in_flight:
             _, pending = await asyncio.wait(self._in_flight, timeout=grace)
             for task in pending:  # unacked: the broker redelivers them to another worker
                 task.cancel()
         await self._acks.close()
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+        if subscription is not None:
+            await subscription.close()
         log.info("consumer.stopped", worker=self.name)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:

@@ -1,4 +1,5 @@
-"""RabbitMQ: the robust connection, the whole topology (declared here and only here), publishing.
+"""RabbitMQ: the whole topology (declared here and only here), publishing, consuming, over the
+process's link to the cluster (`link.py`).
 
 Every command travels through the delay cascade's delivery exchange, even with no delay, so
 immediate and delayed work share one path and one binding per destination queue.
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
-from collections.abc import Awaitable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -22,15 +25,18 @@ import aio_pika
 import aiormq
 import pamqp.frame
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from schemas.messages import COMMANDS, Command
+from shared.infra import metrics
 from shared.infra.batching import Batcher
 from shared.infra.delay import Cascade, check_destination, declare_cascade
+from shared.infra.link import Link, MessageHandler, Session, Subscription
+from shared.infra.quorum import Declaring, QuorumDeclarer
 from shared.infra.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -55,6 +61,19 @@ PUBLISH_BATCH_LIMIT = 256
 DETACHED_LIMIT = 5_000
 # How long closing waits for detached publishes to be confirmed.
 CLOSE_GRACE_S = 10.0
+# A publish that lost its connection is sent again on the next one opened within this long of
+# the loss (a failover to another node takes about a second), at most this often.
+RESEND_WINDOW_S = 5.0
+RESEND_ATTEMPTS = 2
+
+# What a publish fails with when its connection or channel went away: sent again. A nack or a
+# return (DeliveryError) is the broker refusing it, and is not.
+_CONNECTION_GONE = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.AMQPChannelError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
 
 
 class BrokerUnavailable(Exception):
@@ -85,8 +104,9 @@ def decode(message: AbstractIncomingMessage) -> Command:
     return command_type.model_validate(json.loads(message.body))
 
 
-async def declare_topology(channel: AbstractChannel, cascade: Cascade) -> None:
-    """Declare exchanges, work queues, the dead-letter queue and the cascade (idempotent)."""
+async def declare_topology(channel: Declaring, cascade: Cascade) -> None:
+    """Declare exchanges, work queues, the dead-letter queue and the cascade (idempotent).
+    Through a `QuorumDeclarer`, every queue gets the cluster's replication size."""
     dead = await channel.declare_exchange(
         DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
     )
@@ -203,31 +223,38 @@ def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: ob
 
 @dataclass(eq=False)  # compared and hashed by identity: per-broker state is keyed by it
 class Broker:
-    """One robust connection; a confirming publish channel; consumers open their own channels."""
+    """The process's link to the broker (`shared/infra/link.py`: any node of a cluster, never
+    stuck), a batching, confirming publisher over it, and the consumers it keeps attached."""
 
-    connection: AbstractRobustConnection
-    channel: AbstractChannel
+    link: Link
     cascade: Cascade
+    group_size: int = 3
     _outbox: Batcher[Publish, asyncio.Future[Any]] = field(init=False)
     _detached: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    # Queues declared before with another replication size: kept as they are (quorum.py).
+    _kept_queues: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self._outbox = Batcher(self._write, limit=PUBLISH_BATCH_LIMIT)
 
     @classmethod
     async def connect(cls, settings: Settings) -> Broker:
-        connection = await aio_pika.connect_robust(
-            settings.RABBITMQ_URL.get_secret_value(),
-            client_properties={"connection_name": f"queue-server:{settings.APP_NAME}"},
+        """Connect to the first node of RABBITMQ_URL that answers (ConnectionError if none);
+        from then on the link reconnects by itself, to any node."""
+        link = Link(
+            urls=settings.rabbitmq_urls,
+            name=f"queue-server:{settings.APP_NAME}",
+            connect_timeout=settings.RABBITMQ_CONNECT_TIMEOUT_SECONDS,
+            watchdog_s=settings.RABBITMQ_WATCHDOG_SECONDS,
         )
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        return cls(connection, channel, cascade_for(settings))
+        await link.open()
+        return cls(link, cascade_for(settings), settings.RABBITMQ_QUORUM_INITIAL_GROUP_SIZE)
 
     async def close(self, grace: float = CLOSE_GRACE_S) -> None:
         """Close after the detached publishes have been confirmed (or `grace` has passed)."""
         if self._detached:
             await asyncio.wait(self._detached, timeout=grace)
-        await self.connection.close()
+        await self.link.close()
 
     async def detach(self, publishing: Coroutine[Any, Any, None]) -> None:
         """Run `publishing` without waiting for its confirms, unless DETACHED_LIMIT are already
@@ -251,7 +278,44 @@ class Broker:
             log.error("publish.detached_failed", exc_info=error)
 
     async def setup(self) -> None:
-        await declare_topology(self.channel, self.cascade)
+        """Declare the topology now, and again on every new connection (a node that lost its
+        definitions gets them back from the next process that connects)."""
+        session = self.link.session
+        if session is None:
+            raise BrokerUnavailable("not connected")
+        await self._declare(session)
+        self.link.on_reconnect = self._declare
+
+    async def _declare(self, session: Session) -> None:
+        declarer = QuorumDeclarer(session.connection, self.group_size, self._kept_queues)
+        try:
+            await declare_topology(declarer, self.cascade)
+        finally:
+            await declarer.close()
+
+    @asynccontextmanager
+    async def channel(self) -> AsyncIterator[AbstractChannel]:
+        """A channel of its own on the current connection, closed on exit (queue depths,
+        tests); BrokerUnavailable when not connected."""
+        session = self.link.session
+        if session is None or not session.is_open():
+            raise BrokerUnavailable("not connected")
+        channel = await session.connection.channel()
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def consume(self, queue: str, prefetch: int, on_message: MessageHandler) -> Subscription:
+        """Consume `queue` now, and again on every new connection, until `stop_consuming`."""
+        subscription = Subscription(queue, prefetch, on_message)
+        await self.link.subscribe(subscription)
+        return subscription
+
+    async def stop_consuming(self, subscription: Subscription) -> None:
+        """No more deliveries (its channel stays open for the acks still to come)."""
+        await self.link.unsubscribe(subscription)
 
     async def publish(
         self,
@@ -267,6 +331,11 @@ class Broker:
         one pass. Re-publishing (a retry, or the rest of a delay longer than one pass of the
         cascade) also goes through here: a fresh message carries no `x-death` history, so
         RabbitMQ's dead-letter cycle detection cannot drop it.
+
+        A publish whose connection broke before its confirm, or that finds the link just lost,
+        is sent again on the next connection (to any node) if one opens within
+        RESEND_WINDOW_S of the loss; a longer outage fails at once, as a nack or an unroutable
+        message does, and the caller leaves the work to the reconciler.
         """
         try:
             units = self.cascade.units_for(delay_ms)
@@ -278,21 +347,43 @@ class Broker:
                 body=command.model_dump_json().encode(),
                 properties=properties(command, message_id, self.cascade.headers(units)),
             )
-            confirm = await self._outbox.submit(publish)
-            if isinstance(result := await confirm, aiormq.abc.DeliveredMessage):
-                raise aiormq.exceptions.PublishError(result, result.delivery)  # unroutable
         except Exception as exc:
             raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        for attempt in range(RESEND_ATTEMPTS + 1):
+            session = self.link.session
+            try:
+                await self._send(publish)
+                return
+            except _CONNECTION_GONE as exc:
+                if attempt == RESEND_ATTEMPTS or not await self._reconnected(session):
+                    raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                metrics.BROKER_RESENT.inc()
+            except Exception as exc:  # a nack, returned unroutable, a value AMQP cannot carry
+                raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _send(self, publish: Publish) -> None:
+        confirm = await self._outbox.submit(publish)
+        if isinstance(result := await confirm, aiormq.abc.DeliveredMessage):
+            raise aiormq.exceptions.PublishError(result, result.delivery)  # unroutable
+
+    async def _reconnected(self, lost: Session | None) -> bool:
+        """Wait for a connection other than `lost`, unless the link has been down longer than
+        the resend window already (an outage, not a failover)."""
+        down_since = self.link.down_since
+        waited = 0.0 if down_since is None else time.monotonic() - down_since
+        if self.link.closed or waited >= RESEND_WINDOW_S:
+            return False
+        return await self.link.next_session(lost, RESEND_WINDOW_S - waited) is not None
 
     async def _write(self, batch: list[Publish]) -> list[asyncio.Future[Any] | BaseException]:
-        # Broker down: fail at once, as aio-pika's publish does, rather than wait for the robust
-        # connection to come back (the caller leaves the work to the reconciler).
-        if self.channel.is_closed:
-            raise aiormq.exceptions.ChannelInvalidStateError(f"{self.channel!r} closed")
-        channel = await self.channel.get_underlay_channel()
+        session = self.link.session
+        if session is None or not session.is_open():
+            raise aiormq.exceptions.ChannelInvalidStateError("not connected to the broker")
+        channel = session.publish_channel
         if not isinstance(channel, aiormq.Channel):
             raise TypeError(f"unexpected channel type {type(channel).__name__}")
         return await write_confirmed(channel, batch)
 
     def is_ready(self) -> bool:
-        return not self.connection.is_closed and not self.channel.is_closed
+        """Connected, with every consumer of this process consuming."""
+        return self.link.is_ready()

@@ -85,8 +85,7 @@ async def _taken(
 ) -> AsyncIterator[tuple[list[AbstractIncomingMessage], int]]:
     """Up to `limit` messages from the queue's head, unacknowledged, and the queue's depth;
     the ones not acknowledged go back when the block ends."""
-    channel = await broker.connection.channel()
-    try:
+    async with broker.channel() as channel:
         queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
         depth = int(queue.declaration_result.message_count or 0)
         messages = []
@@ -96,8 +95,6 @@ async def _taken(
                 break
             messages.append(message)
         yield messages, depth
-    finally:
-        await channel.close()
 
 
 async def peek(broker: Broker, *, limit: int) -> tuple[list[DeadLetter], int]:

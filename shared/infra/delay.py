@@ -34,6 +34,8 @@ import aio_pika.abc
 import aiormq.abc
 from aio_pika.exceptions import PublishError
 
+from shared.infra.quorum import Declaring
+
 __all__ = [
     "MAX_TTL_MS",
     "Cascade",
@@ -145,13 +147,14 @@ def check_destination(destination: str) -> None:
 
 
 async def declare_cascade(
-    channel: aio_pika.abc.AbstractChannel,
+    channel: Declaring,
     cascade: Cascade,
     destinations: Mapping[str, str],
 ) -> None:
     """Declare every level and bind each destination name to its (existing) queue.
 
-    Idempotent. Destination queues must be declared by the caller first and never be
+    Idempotent. `channel` may be a `QuorumDeclarer`, which sizes the levels for the cluster.
+    Destination queues must be declared by the caller first and never be
     deleted while timers may be in flight: a message reaching the delivery exchange with no
     matching binding is lost (NServiceBus.RabbitMQ #367, #1407).
     """

@@ -37,6 +37,15 @@ MESSAGE_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
 )
 DEPENDENCY_UP = Gauge("qs_dependency_up", "1 when the dependency answered the last check", ["name"])
+BROKER_RECONNECTS = Counter(
+    "qs_broker_reconnects_total",
+    "Broker sessions thrown away: lost (a node went away, a channel closed) or watchdog",
+    ["cause"],
+)
+BROKER_RESENT = Counter(
+    "qs_broker_publishes_resent_total",
+    "Publishes sent again on a new connection: the one they went out on broke before a confirm",
+)
 
 # --- tasks ---------------------------------------------------------------------------------
 TASK_EXPIRY_LATENESS = Histogram(

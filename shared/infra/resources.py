@@ -35,7 +35,8 @@ async def open_database(settings: Settings) -> AsyncIterator[Database]:
 
 @asynccontextmanager
 async def open_broker(settings: Settings, *, setup: bool = False) -> AsyncIterator[Broker]:
-    """A robust connection (it reconnects by itself later); `setup` declares the topology."""
+    """Connected to a node of RABBITMQ_URL (reconnecting by itself later, to any node);
+    `setup` declares the topology, now and on every reconnect."""
     broker = await _wait_at_start(Broker.connect)(settings)
     try:
         if setup:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -21,7 +22,10 @@ MIN_SALT_LENGTH = 32
 class Settings(BaseSettings):
     """Configuration. Names of the original service's variables are kept as they were."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=True)
+    # hide_input_in_errors: a refused value can be a secret (RABBITMQ_URL carries a password).
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=True, hide_input_in_errors=True
+    )
 
     # --- the original's variables -------------------------------------------------
     ADMIN_API_KEY: SecretStr
@@ -47,7 +51,16 @@ class Settings(BaseSettings):
     MYSQL_DB: str = "d2d_email_queue"
 
     # --- what the event-driven shape adds ---------------------------------------------
+    # One URL, or one per node of a cluster, comma-separated (same vhost and credentials).
     RABBITMQ_URL: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    # One connection attempt to one node (TCP, AMQP handshake, first channel), at most.
+    RABBITMQ_CONNECT_TIMEOUT_SECONDS: float = Field(5.0, gt=0, le=120)
+    # A process whose connection, channels and consumers have not all been open this long
+    # throws them away and connects again, whatever state they are in.
+    RABBITMQ_WATCHDOG_SECONDS: float = Field(20.0, ge=2, le=3600)
+    # Replicas of each quorum queue when it is first declared (RabbitMQ caps it at the
+    # cluster's size); existing queues keep theirs (README "Running on a cluster").
+    RABBITMQ_QUORUM_INITIAL_GROUP_SIZE: int = Field(3, ge=1, le=99)
     MYSQL_POOL_SIZE: int = Field(10, ge=1, le=200)
     # "auto": SES when AWS credentials are configured (these settings or the standard AWS
     # chain), the outbox otherwise; shared/email/transports.py:choose_transport decides.
@@ -206,6 +219,26 @@ class Settings(BaseSettings):
     def _networks(cls, value: Any) -> Any:
         return tuple(ip_network(x, strict=False) for x in _comma_separated(value))
 
+    @field_validator("RABBITMQ_URL")
+    @classmethod
+    def _broker_nodes(cls, value: SecretStr) -> SecretStr:
+        broker_nodes(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _watchdog_outlasts_an_attempt(self) -> Self:
+        if self.RABBITMQ_WATCHDOG_SECONDS <= self.RABBITMQ_CONNECT_TIMEOUT_SECONDS:
+            # The watchdog would cut every attempt short and never let one finish.
+            raise ValueError(
+                "RABBITMQ_WATCHDOG_SECONDS must be longer than RABBITMQ_CONNECT_TIMEOUT_SECONDS"
+            )
+        return self
+
+    @property
+    def rabbitmq_urls(self) -> tuple[str, ...]:
+        """Every node's URL, in the order given (they carry the credentials: never log them)."""
+        return broker_nodes(self.RABBITMQ_URL.get_secret_value())
+
     @field_validator("ADMIN_API_KEY")
     @classmethod
     def _strong_admin_key(cls, value: SecretStr) -> SecretStr:
@@ -252,6 +285,23 @@ class Settings(BaseSettings):
     @cached_property
     def max_upload_bytes(self) -> int:
         return self.MAX_UPLOAD_SIZE * 1024 * 1024
+
+
+def broker_nodes(value: str) -> tuple[str, ...]:
+    """The URLs of a comma-separated RABBITMQ_URL; ValueError (without the secrets) unless each
+    is an AMQP URL with a host, and all name the same vhost and credentials."""
+    urls = tuple(_comma_separated(value))
+    if not urls:
+        raise ValueError("give at least one amqp:// or amqps:// URL")
+    parts = [urlsplit(url) for url in urls]
+    for n, part in enumerate(parts, 1):
+        if part.scheme not in ("amqp", "amqps") or not part.hostname:
+            raise ValueError(f"URL {n} is not an amqp:// or amqps:// URL with a host")
+        part.port  # noqa: B018 - raises ValueError on a port that is not a number
+    if len({(p.scheme, p.username, p.password, p.path) for p in parts}) > 1:
+        # Every node must be a node of the same broker to this service.
+        raise ValueError("every URL must have the same scheme, vhost and credentials")
+    return urls
 
 
 def _comma_separated(value: Any) -> list[Any]:
