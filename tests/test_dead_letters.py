@@ -72,12 +72,18 @@ async def test_lists_parked_messages_and_sends_back_what_can_run(
     await park(own, type_="no.such.type", body=b"\xff not json", message_id="m-2")
     await park(own, type_=command.TYPE, body=command.model_dump_json().encode(), message_id="m-3")
 
-    async def call(route: str, body: dict[str, Any]) -> Any:
+    async def call(route: str, body: dict[str, Any], then_parked: int) -> Any:
         resp = await own.post(f"/server/admin/dead-letters/{route}", json=body, headers=admin)
         assert resp.status == 200, await resp.text()
+
+        async def settled() -> bool:
+            # The broker puts back what a closed channel left unacknowledged on its own time.
+            return await depth(own, DEAD_LETTER_QUEUE) == then_parked
+
+        await eventually(settled, 10, f"{then_parked} message(s) parked after {route}")
         return await resp.json()
 
-    listed = await call("list", {})
+    listed = await call("list", {}, then_parked=3)
     assert listed["count"] == 3
     first, second, _ = listed["messages"]
     assert first["message_id"] == "m-1" and first["type"] == "callback.deliver"
@@ -85,21 +91,15 @@ async def test_lists_parked_messages_and_sends_back_what_can_run(
     assert first["body"] == {"attempt": 7, "event_id": "evt-1"} and first["deaths"] == 1
     assert first["first_death_at"].endswith("Z")
     assert second["body"].endswith("not json")
-    again = await call("list", {"limit": 1})  # listing left every message in place
+    again = await call("list", {"limit": 1}, then_parked=3)  # listing left every message in place
     assert again["count"] == 3 and [m["message_id"] for m in again["messages"]] == ["m-1"]
 
-    one = await call("requeue", {"message_ids": ["m-3"]})
+    one = await call("requeue", {"message_ids": ["m-3"]}, then_parked=2)
     assert one == {"valid": True, "requeued": ["m-3"], "skipped": []}
-    rest = await call("requeue", {"all": True})
+    rest = await call("requeue", {"all": True}, then_parked=1)
     assert rest["requeued"] == ["m-1"]
     assert [s["message_id"] for s in rest["skipped"]] == ["m-2"]
     assert "not decodable" in rest["skipped"][0]["reason"]
-
-    async def only_the_undecodable_one_parked() -> bool:
-        # The broker puts back what a closed channel left unacknowledged on its own time.
-        return await depth(own, DEAD_LETTER_QUEUE) == 1
-
-    await eventually(only_the_undecodable_one_parked, 10, "m-2 back in the dead-letter queue")
     # Back in their work queue, through the cascade, as fresh commands.
     async with own.app[BROKER].channel() as channel:
         queue = await channel.get_queue(WORK_QUEUES["callbacks"], ensure=False)
