@@ -23,7 +23,7 @@ from conftest import db_rows, eventually, isolated_ses
 from receiver import Answer, Receiver
 
 from schemas.messages import DeliverCallback
-from shared.infra.broker import WORK_QUEUES, Broker
+from shared.infra.broker import DEAD_LETTER_QUEUE, WORK_QUEUES, Broker
 from shared.infra.settings import Settings
 
 Client = TestClient[web.Request, web.Application]
@@ -177,6 +177,13 @@ async def parked_env(base_env: dict[str, str], settings: Settings) -> Any:
                 message = await queue.get(timeout=10)
                 assert message is not None
                 await message.reject(requeue=False)
+
+            async def parked() -> bool:  # a quorum queue dead-letters on its own time
+                async with broker.channel() as channel:
+                    queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+                    return queue.declaration_result.message_count == 1
+
+            await eventually(parked, 10, "m-cli in the dead-letter queue")
         finally:
             await broker.close()
         yield env
