@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Coroutine, Sequence
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import structlog
 from pydantic import ValidationError
 
 from cli import inspection, receiver
-from shared.infra.settings import Settings
+from shared.infra.logs import configure_early, fail
+from shared.infra.settings import Settings, early_log_format
 
 if TYPE_CHECKING:
     from cli.supervisor import Child
@@ -42,10 +44,19 @@ def _load_settings() -> Settings:
         return Settings()  # values come from the environment
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            # A check across settings (loc empty) names them in its message.
+            ".".join(f"{p}: " for p in e["loc"]) + e["msg"].removeprefix("Value error, ")
             for e in exc.errors(include_input=False, include_url=False)
         )
-        sys.exit(f"queue-server: configuration error: {problems} (see .env.template)")
+        configure_early(early_log_format())
+        fail(f"queue-server: configuration error: {problems} (see .env.template)")
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("a port number, 0 for none")
+    return port
 
 
 def _processes(value: str) -> int:
@@ -107,6 +118,14 @@ def _parser() -> argparse.ArgumentParser:
         help="the gateway and every worker in this one process (tiny installs, one core)",
     )
     sub.choices["gateway"].add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    sub.choices["gateway"].add_argument(
+        "--metrics-port",
+        type=_port,
+        default=0,
+        metavar="PORT",
+        help="also serve /metrics, /healthz and /readyz on this port (what `run` gives each"
+        " gateway process; default: only on PORT)",
+    )
     worker = sub.add_parser(
         "worker",
         help="one or more workers, for scaling out",
@@ -119,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         choices=sorted(WORKERS) or None,
         help=f"one of: {', '.join(sorted(WORKERS)) or '(none yet)'}",
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics, /healthz and /readyz on this port (default: METRICS_PORT; 0: none)",
     )
     _child_options(worker)
     migrate = sub.add_parser(
@@ -171,35 +197,39 @@ async def _setup_broker(settings: Settings) -> None:
         pass
 
 
-def _serve_http(
-    settings: Settings,
-    *,
-    migrate: bool,
-    setup_broker: bool,
-    with_workers: bool,
-    reuse_port: bool = False,
-) -> None:
+@dataclass(frozen=True)
+class _Serving:
+    setup_broker: bool
+    with_workers: bool
+    reuse_port: bool = False
+    metrics_port: int = 0
+
+
+def _serve_http(settings: Settings, serving: _Serving, *, migrate: bool) -> None:
     if migrate:
         _run(_migrate(settings))
-    _run(_serve_app(settings, setup_broker, with_workers, reuse_port))
+    _run(_serve_app(settings, serving))
 
 
-async def _serve_app(
-    settings: Settings, setup_broker: bool, with_workers: bool, reuse_port: bool
-) -> None:
+async def _serve_app(settings: Settings, serving: _Serving) -> None:
     """The gateway (with every worker for `run --single-process`) until SIGTERM/SIGINT; the
     listening socket closes first, then requests in flight get SHUTDOWN_GRACE_SECONDS."""
     from aiohttp import web
 
     from cli.app import create_app
     from shared.infra.gc_tuning import freeze_startup_objects
+    from shared.infra.probes import start_site
     from workers.registry import WORKERS
     from workers.runner import stop_signal
 
     stopped = stop_signal()  # from here on: a signal during startup stops cleanly too
     app = create_app(
-        settings, setup_broker=setup_broker, workers=sorted(WORKERS) if with_workers else ()
+        settings,
+        setup_broker=serving.setup_broker,
+        workers=sorted(WORKERS) if serving.with_workers else (),
     )
+    if serving.metrics_port:
+        app.cleanup_ctx.append(_probe_site(settings.HOST, serving.metrics_port))
 
     async def tune_gc(_: web.Application) -> None:  # after every cleanup_ctx has started
         freeze_startup_objects()
@@ -212,21 +242,45 @@ async def _serve_app(
         shutdown_timeout=settings.SHUTDOWN_GRACE_SECONDS,
         keepalive_timeout=settings.HTTP_KEEPALIVE_SECONDS,
     )
-    await runner.setup()
     try:
+        # What started before a resource failed to open is closed again (a started context
+        # left to the loop's shutdown would fail there with a traceback).
+        await runner.setup()
         # SO_REUSEPORT for the children of a supervisor: several processes, one port.
-        site = web.TCPSite(runner, settings.HOST, settings.PORT, reuse_port=reuse_port or None)
-        await site.start()
+        site = web.TCPSite(
+            runner, settings.HOST, settings.PORT, reuse_port=serving.reuse_port or None
+        )
+        await start_site(site, "PORT", settings.HOST, settings.PORT)
+        structlog.get_logger("queue-server").info(
+            f"listening on http://{settings.HOST}:{settings.PORT}",
+            host=settings.HOST,
+            port=settings.PORT,
+        )
         await stopped.wait()
     finally:
         await runner.cleanup()
+
+
+def _probe_site(host: str, port: int) -> Callable[[Any], AsyncIterator[None]]:
+    """/metrics, /healthz and /readyz of this gateway process on a port of its own."""
+    from gateway.app_keys import BROKER, DB
+    from shared.infra.probes import Probes, serving
+
+    async def ctx(app: Any) -> AsyncIterator[None]:
+        async with serving(Probes(app[DB], app[BROKER]), host, port):
+            yield
+
+    return ctx
 
 
 def _supervise(settings: Settings, children: list[Child], *, migrate: bool, setup: bool) -> None:
     from cli.supervisor import check_port_free, supervise
 
     if any(c.args[0] == "gateway" for c in children):
-        check_port_free(settings.HOST, settings.PORT)
+        check_port_free(settings.HOST, settings.PORT, "PORT")
+    for child in children:
+        if child.metrics_port:
+            check_port_free(settings.HOST, child.metrics_port, "METRICS_PORT")
     if migrate:
         _run(_migrate(settings))
     if setup:
@@ -263,6 +317,18 @@ def _warn_if_salt_signs(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from shared.infra.probes import CannotListen
+    from shared.infra.startup import DependencyFailure
+
+    try:
+        _main(argv)
+    except DependencyFailure as failure:
+        fail(str(failure), **failure.fields())
+    except CannotListen as failure:
+        fail(str(failure), setting=failure.setting, address=f"{failure.host}:{failure.port}")
+
+
+def _main(argv: Sequence[str] | None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "receiver":  # a client's tool: none of the service's settings
         receiver.serve(args)
@@ -284,27 +350,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not supervised:  # a supervisor's children: it has said so for them
         _warn_if_salt_signs(settings)
     if supervising:
-        children = _children(args, settings.EMAIL_TRANSPORT)
+        children = _children(args, settings)
         _supervise(settings, children, migrate=not args.no_migrate, setup=not args.no_setup_broker)
     elif args.command in ("run", "gateway"):
-        _serve_http(
-            settings,
-            migrate=not args.no_migrate,
+        serving = _Serving(
             setup_broker=not args.no_setup_broker,
             with_workers=args.command == "run",
             reuse_port=getattr(args, "reuse_port", False),
+            metrics_port=getattr(args, "metrics_port", 0),
         )
+        _serve_http(settings, serving, migrate=not args.no_migrate)
     else:
         _other_command(settings, args)
 
 
-def _children(args: argparse.Namespace, email_transport: str) -> list[Child]:
-    """The supervisor's children, each to send email where the supervisor resolved it should."""
-    from cli.supervisor import gateway_children, worker_children
+def _children(args: argparse.Namespace, settings: Settings) -> list[Child]:
+    """The supervisor's children, each to send email where the supervisor resolved it should,
+    each with its own metrics port (from METRICS_PORT up; none when it is 0)."""
+    from cli.supervisor import gateway_children, with_metrics_ports, worker_children
+
+    email_transport = settings.EMAIL_TRANSPORT
 
     children = gateway_children(args.processes, setup_broker=not args.no_setup_broker)
     if args.command == "run":
         children += worker_children(callbacks=args.callbacks_processes)
+    children = with_metrics_ports(children, settings.METRICS_PORT)
     return [replace(c, env={**c.env, "EMAIL_TRANSPORT": email_transport}) for c in children]
 
 
@@ -312,7 +382,8 @@ def _other_command(settings: Settings, args: argparse.Namespace) -> None:
     if args.command == "worker":
         from workers.runner import serve_workers
 
-        _run(serve_workers(settings, args.names))
+        port = settings.METRICS_PORT if args.metrics_port is None else args.metrics_port
+        _run(serve_workers(settings, args.names, metrics_port=port))
     elif args.command in inspection.COMMANDS:
         try:
             _run(inspection.run(args, settings))

@@ -23,9 +23,11 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
+
+from shared.infra.probes import CannotListen
 
 log = structlog.get_logger("supervisor")
 
@@ -58,6 +60,7 @@ class Child:
     name: str
     args: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
+    metrics_port: int = 0  # where it serves /metrics, /healthz and /readyz (0: not at all)
 
 
 def cores() -> int:
@@ -90,15 +93,25 @@ def worker_children(callbacks: int = 1) -> list[Child]:
     return children
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Exit with one line when another program holds the port: otherwise every gateway child
-    would fail to bind and be restarted forever."""
+def with_metrics_ports(children: Sequence[Child], first: int) -> list[Child]:
+    """Each child with a metrics port of its own: `first`, `first` + 1, ... in the order given
+    (the gateways, then the workers); none at all when `first` is 0."""
+    if not first:
+        return list(children)
+    if first + len(children) - 1 > 65535:
+        raise ValueError(f"METRICS_PORT={first} leaves no room for {len(children)} processes")
+    return [replace(c, metrics_port=first + n) for n, c in enumerate(children)]
+
+
+def check_port_free(host: str, port: int, setting: str) -> None:
+    """CannotListen (one line) when another program holds the port: otherwise every child that
+    needs it would fail to bind and be restarted forever."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
-            sys.exit(f"queue-server: cannot listen on {host}:{port}: {exc.strerror}")
+            raise CannotListen(setting, host, port, exc) from None
 
 
 def follow_parent(supervisor_pid: int) -> None:
@@ -118,6 +131,7 @@ def _command(child: Child) -> list[str]:
         "-m",
         "cli",
         *child.args,
+        *(("--metrics-port", str(child.metrics_port)) if child.metrics_port else ()),
         "--process-name",
         child.name,
         "--supervisor-pid",
@@ -194,7 +208,9 @@ class Supervisor:
         self.procs[child.name] = proc
         if self.stopping.is_set():  # the stop came while it was being started
             _signal(proc, signal.SIGTERM)
-        log.info("child.started", child=child.name, pid=proc.pid)
+        log.info(
+            "child.started", child=child.name, pid=proc.pid, metrics_port=child.metrics_port or None
+        )
         ended = {"pid": proc.pid, **_describe(await proc.wait())}
         if self.stopping.is_set():
             log.info("child.stopped", child=child.name, **ended)

@@ -43,7 +43,7 @@ async def snapshot(db: Database, broker: Broker) -> dict[str, Any]:
     depths = await queue_depths(broker)
     for area, by_status in counts.items():
         for status, n in by_status.items():
-            metrics.ROWS_BY_STATUS.labels(area, status).set(n)
+            metrics.ROWS_BY_STATUS.labels(area, status, metrics.FLEET).set(n)
     for queue, depth in depths.items():
-        metrics.QUEUE_DEPTH.labels(queue).set(depth)
+        metrics.QUEUE_DEPTH.labels(queue, metrics.FLEET).set(depth)
     return {"counts": counts, "queues": depths}

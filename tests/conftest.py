@@ -118,6 +118,9 @@ def base_env(
         # Tests that check a timer fired its task must not race the prompt task sweep on a
         # loaded runner; the sweep's own tests set a short grace.
         "TASK_SWEEP_GRACE_SECONDS": "10",
+        # Worker processes serve no probe port unless a test gives them a free one: several
+        # sessions share this machine, and a fixed port would collide between them.
+        "METRICS_PORT": "0",
     }
 
 

@@ -30,7 +30,7 @@ async def test_admin_status_summarises_the_fleet(
     }
     assert body["send_rate"]["configured"]
     metrics = await (await client.get("/metrics")).text()
-    assert 'qs_rows{area="tasks",status="PENDING"}' in metrics
-    assert 'qs_queue_depth{queue="qs.expiry"}' in metrics
+    assert 'qs_rows{area="tasks",scope="fleet",status="PENDING"}' in metrics
+    assert 'qs_queue_depth{queue="qs.expiry",scope="fleet"}' in metrics
     forbidden = await client.get("/server/admin/status", headers=key["headers"])
     assert forbidden.status == 403

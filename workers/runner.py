@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from contextlib import asynccontextmanager
 import structlog
 
 from shared.infra.gc_tuning import freeze_startup_objects
+from shared.infra.probes import Probes, serving
 from shared.infra.resources import open_broker, open_database
 from shared.infra.settings import Settings
 from workers.registry import WORKERS
@@ -49,15 +51,19 @@ def stop_signal() -> asyncio.Event:
     return stop
 
 
-async def serve_workers(settings: Settings, names: Sequence[str]) -> None:
+async def serve_workers(settings: Settings, names: Sequence[str], *, metrics_port: int = 0) -> None:
     """`queue-server worker NAME…`: own MySQL pool and broker connection, until SIGTERM/SIGINT
-    (one that comes while they start stops them once started)."""
+    (one that comes while they start stops them once started). With `metrics_port`, /metrics,
+    /healthz and /readyz are served there, from before the resources are open (/readyz is 503
+    until they are, and whenever MySQL or the broker link is not)."""
     stopped = stop_signal()
-    async with (
-        open_database(settings) as db,
-        open_broker(settings) as broker,
-        running(Context(settings, db, broker), names),
-    ):
+    probes = Probes()
+    async with contextlib.AsyncExitStack() as stack:
+        if metrics_port:
+            await stack.enter_async_context(serving(probes, settings.HOST, metrics_port))
+        probes.db = db = await stack.enter_async_context(open_database(settings))
+        probes.broker = broker = await stack.enter_async_context(open_broker(settings))
+        await stack.enter_async_context(running(Context(settings, db, broker), names))
         freeze_startup_objects()
-        log.info("workers.running", workers=list(names))
+        log.info("workers.running", workers=list(names), metrics_port=metrics_port or None)
         await stopped.wait()

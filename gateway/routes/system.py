@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import hdrs, web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from gateway.app_keys import BROKER, DB, ENDPOINTS, SETTINGS
@@ -15,10 +12,9 @@ from gateway.endpoints import EndpointTable
 from gateway.openapi import build_document
 from schemas.api_keys import Pong
 from schemas.common import Ok
-from shared.infra import metrics
+from shared.infra.probes import metrics_response, readiness
 
 table = EndpointTable()
-READY_TIMEOUT_S = 2.0
 
 
 class Readiness(BaseModel):
@@ -44,14 +40,6 @@ async def healthz(request: web.Request, _: None) -> Ok:
     return Ok()
 
 
-async def _mysql_ok(request: web.Request) -> bool:
-    try:
-        await asyncio.wait_for(request.app[DB].ping(), READY_TIMEOUT_S)
-    except Exception:
-        return False
-    return True
-
-
 @table.route(
     "GET",
     "/readyz",
@@ -62,11 +50,8 @@ async def _mysql_ok(request: web.Request) -> bool:
     tag="System",
 )
 async def readyz(request: web.Request, _: None) -> web.Response:
-    mysql_ok = await _mysql_ok(request)
-    rabbit_ok = request.app[BROKER].is_ready()
-    metrics.DEPENDENCY_UP.labels("mysql").set(int(mysql_ok))
-    metrics.DEPENDENCY_UP.labels("rabbitmq").set(int(rabbit_ok))
-    body = Readiness(valid=mysql_ok and rabbit_ok, mysql=mysql_ok, rabbitmq=rabbit_ok)
+    state = await readiness(request.app[DB], request.app[BROKER])
+    body = Readiness(valid=state.ready, mysql=state.mysql, rabbitmq=state.rabbitmq)
     return web.json_response(body.model_dump(), status=200 if body.valid else 503)
 
 
@@ -79,9 +64,7 @@ async def readyz(request: web.Request, _: None) -> web.Response:
     tag="System",
 )
 async def prometheus(request: web.Request, _: None) -> web.Response:
-    response = web.Response(body=generate_latest())
-    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-    return response
+    return metrics_response()
 
 
 @table.route("GET", "/openapi.json", role=Role.NONE, summary="This document", tag="System")

@@ -35,6 +35,7 @@ import aiormq.abc
 from aio_pika.exceptions import PublishError
 
 from shared.infra.quorum import Declaring
+from shared.infra.settings import MAX_TTL_MS
 
 __all__ = [
     "MAX_TTL_MS",
@@ -48,8 +49,6 @@ __all__ = [
     "strip_delay_headers",
 ]
 
-MAX_TTL_MS = 315_360_000_000
-"""RabbitMQ (3.10.2+, ``rabbit_misc:check_expiry``) rejects any TTL above 10 years."""
 
 _DEATH_PREFIXES = ("x-first-death-", "x-last-death-")
 # Not "x-" prefixed: a headers exchange ignores binding arguments that start with "x-".

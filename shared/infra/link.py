@@ -59,6 +59,16 @@ CLOSE_TIMEOUT_S = 2.0
 MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 
+class NoNodeAnswered(ConnectionError):
+    """No node of RABBITMQ_URL could be connected to; `errors`: each node's URL and error."""
+
+    def __init__(self, errors: Sequence[tuple[str, BaseException]]) -> None:
+        super().__init__(
+            "no RabbitMQ node answered (" + ", ".join(node_of(u) for u, _ in errors) + ")"
+        )
+        self.errors = list(errors)
+
+
 def node_of(url: str) -> str:
     """host:port of a broker URL: what logs and metrics name (never the credentials)."""
     part = urlsplit(url)
@@ -199,9 +209,10 @@ class Link:
     async def open(self) -> None:
         """Connect to the first node that answers, in the order given, then keep connected.
         ConnectionError if none answers."""
-        session = await self._open_any(self.urls)
+        errors: list[tuple[str, BaseException]] = []
+        session = await self._open_any(self.urls, errors=errors)
         if session is None:
-            raise ConnectionError(f"no RabbitMQ node answered ({self._nodes()})")
+            raise NoNodeAnswered(errors)
         self._up(session)
         self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
         self._watchdog = asyncio.create_task(self._watch(), name="broker-watchdog")
@@ -331,13 +342,24 @@ class Link:
                     subscription.attach(session.connection), self.connect_timeout
                 )
 
-    async def _open_any(self, urls: Sequence[str], *, reconnect: bool = False) -> Session | None:
+    async def _open_any(
+        self,
+        urls: Sequence[str],
+        *,
+        reconnect: bool = False,
+        errors: list[tuple[str, BaseException]] | None = None,
+    ) -> Session | None:
+        """A session on the first of `urls` that opens; each failure is logged, or collected in
+        `errors` (at start: shared/infra/startup.py says what they mean, in one line)."""
         for url in urls:
             try:
                 return await self._open(url, reconnect=reconnect)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if errors is not None:
+                    errors.append((url, exc))
+                    continue
                 log.warning(
                     "broker.connect_failed",
                     node=node_of(url),
@@ -384,6 +406,3 @@ class Link:
 
     def _node(self) -> str | None:
         return None if self.session is None else self.session.node
-
-    def _nodes(self) -> str:
-        return ", ".join(node_of(url) for url in self.urls)

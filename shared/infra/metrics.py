@@ -85,10 +85,26 @@ EMAIL_SLOTS_MISSED = Counter(
 EMAIL_RATE_FACTOR = Gauge(
     "qs_email_rate_factor", "Share of the configured send rate in force (below 1 after throttling)"
 )
+# The full rate until this process learns otherwise (as the admin status says): 0 would read
+# as "sending stopped" on a process that has not sent yet.
+EMAIL_RATE_FACTOR.set(1)
 
 # --- fleet state (refreshed periodically from MySQL and the broker: shared/status.py) -------
-ROWS_BY_STATUS = Gauge("qs_rows", "Tasks, emails and callback events by status", ["area", "status"])
-QUEUE_DEPTH = Gauge("qs_queue_depth", "Ready messages per RabbitMQ work queue", ["queue"])
+# Every gateway process exports the same fleet-wide numbers (scope="fleet"): aggregate them
+# with max (or pick one instance), never sum.
+ROWS_BY_STATUS = Gauge(
+    "qs_rows",
+    "Tasks, emails and callback events by status, fleet-wide: every gateway exports the same"
+    " numbers (aggregate with max, not sum)",
+    ["area", "status", "scope"],
+)
+QUEUE_DEPTH = Gauge(
+    "qs_queue_depth",
+    "Ready messages per RabbitMQ work queue, fleet-wide: every gateway exports the same numbers"
+    " (aggregate with max, not sum)",
+    ["queue", "scope"],
+)
+FLEET = "fleet"
 
 # --- callbacks -----------------------------------------------------------------------------
 CALLBACK_ATTEMPTS = Counter(

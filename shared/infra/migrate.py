@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -21,6 +22,7 @@ import structlog
 
 from shared.infra.db import connect_kwargs
 from shared.infra.settings import Settings
+from shared.infra.startup import DATABASE_MISSING, DependencyFailure, mysql_failure, wait_for
 
 log = structlog.get_logger(__name__)
 
@@ -61,8 +63,21 @@ def load_migrations() -> list[Migration]:
     return found
 
 
+async def _connect(
+    settings: Settings, *, database: bool = True, autocommit: bool = False
+) -> aiomysql.Connection:
+    """A connection, once MySQL answers (DependencyFailure when it cannot be had)."""
+    return await wait_for(
+        settings,
+        lambda: aiomysql.connect(
+            autocommit=autocommit, **connect_kwargs(settings, database=database)
+        ),
+        mysql_failure,
+    )
+
+
 async def _create_database(settings: Settings) -> None:
-    conn = await aiomysql.connect(**connect_kwargs(settings, database=False))
+    conn = await _connect(settings, database=False)
     try:
         async with conn.cursor() as cur:
             name = settings.MYSQL_DB.replace("`", "``")
@@ -76,8 +91,16 @@ async def _create_database(settings: Settings) -> None:
 
 async def migrate(settings: Settings) -> list[str]:
     """Create the database if missing and apply pending migrations; returns the names applied."""
+    with warnings.catch_warnings():
+        # The server's notes on `IF NOT EXISTS` ("database exists", "table already exists")
+        # are what those statements are for; run alone at start, before any other task.
+        warnings.simplefilter("ignore", pymysql.Warning)
+        return await _migrate(settings)
+
+
+async def _migrate(settings: Settings) -> list[str]:
     await _create_database(settings)
-    conn = await aiomysql.connect(autocommit=True, **connect_kwargs(settings))
+    conn = await _connect(settings, autocommit=True)
     applied: list[str] = []
     try:
         async with conn.cursor() as cur:
@@ -112,9 +135,9 @@ async def migration_status(settings: Settings) -> list[MigrationState]:
     bookkeeping table means none was). Changes nothing."""
     applied: dict[int, tuple[datetime, str]] = {}
     try:
-        conn = await aiomysql.connect(**connect_kwargs(settings))
-    except pymysql.err.OperationalError as exc:
-        if not exc.args or exc.args[0] != _UNKNOWN_DATABASE:
+        conn = await _connect(settings)
+    except DependencyFailure as exc:
+        if exc.cause != DATABASE_MISSING:
             raise
     else:
         try:

@@ -5,28 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import structlog
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
-
 from shared.infra.broker import Broker
-from shared.infra.db import Database, DatabaseUnavailable
+from shared.infra.db import Database
 from shared.infra.settings import Settings
-
-log = structlog.get_logger(__name__)
-STARTUP_WAIT_S = 60
-
-_wait_at_start = retry(
-    retry=retry_if_exception_type((DatabaseUnavailable, ConnectionError, OSError)),
-    wait=wait_exponential(multiplier=0.2, max=5),
-    stop=stop_after_delay(STARTUP_WAIT_S),
-    reraise=True,
-    before_sleep=lambda state: log.warning("startup.waiting", attempt=state.attempt_number),
-)
+from shared.infra.startup import broker_failure, mysql_failure, wait_for
 
 
 @asynccontextmanager
 async def open_database(settings: Settings) -> AsyncIterator[Database]:
-    db = await _wait_at_start(Database.connect)(settings)
+    """The MySQL pool, once MySQL answers (shared/infra/startup.py: DependencyFailure if not)."""
+    db = await wait_for(settings, lambda: Database.connect(settings), mysql_failure)
     try:
         yield db
     finally:
@@ -37,7 +25,7 @@ async def open_database(settings: Settings) -> AsyncIterator[Database]:
 async def open_broker(settings: Settings, *, setup: bool = False) -> AsyncIterator[Broker]:
     """Connected to a node of RABBITMQ_URL (reconnecting by itself later, to any node);
     `setup` declares the topology, now and on every reconnect."""
-    broker = await _wait_at_start(Broker.connect)(settings)
+    broker = await wait_for(settings, lambda: Broker.connect(settings), broker_failure)
     try:
         if setup:
             await broker.setup()

@@ -17,6 +17,8 @@ from shared.infra.crypto import Keyring
 # minimum for an HS256 key, which SALT is under CALLBACK_JWT_KEY=salt).
 MIN_ADMIN_KEY_LENGTH = 16
 MIN_SALT_LENGTH = 32
+# RabbitMQ (3.10.2+, `rabbit_misc:check_expiry`) refuses any TTL above 10 years.
+MAX_TTL_MS = 315_360_000_000
 
 
 class Settings(BaseSettings):
@@ -97,6 +99,13 @@ class Settings(BaseSettings):
     TASK_SWEEP_GRACE_SECONDS: float = Field(2.0, ge=0.5, le=3600)
     # How often each gateway refreshes the fleet gauges (rows by status, queue depths).
     STATUS_REFRESH_SECONDS: float = Field(15.0, ge=1, le=3600)
+    # Where a `queue-server worker` process serves /metrics, /healthz and /readyz (0: nowhere;
+    # the gateway serves them on PORT). Under `queue-server run` every child gets its own port
+    # from this one up (README "Operations").
+    METRICS_PORT: int = Field(3853, ge=0, le=65535)
+    # At start, how long to wait for MySQL and RabbitMQ while they are unreachable (containers
+    # start in any order); wrong credentials or a missing vhost/database fail at once.
+    STARTUP_WAIT_SECONDS: float = Field(60.0, ge=0, le=3600)
 
     # --- keys and secrets (README "Callbacks" and "Operations") ---------------------------
     # The SALT before the current one, while rotating SALT: webhook secrets sealed under it
@@ -234,6 +243,19 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _cascade_fits_the_broker(self) -> Self:
+        top_ms = self.DELAY_UNIT_MS * 2 ** (self.DELAY_LEVELS - 1)
+        if top_ms > MAX_TTL_MS:
+            # RabbitMQ would refuse to declare the top delay level (a TTL over 10 years).
+            fits = max(n for n in range(1, 33) if self.DELAY_UNIT_MS * 2 ** (n - 1) <= MAX_TTL_MS)
+            raise ValueError(
+                f"DELAY_LEVELS={self.DELAY_LEVELS} with DELAY_UNIT_MS={self.DELAY_UNIT_MS} makes "
+                f"the top delay level hold messages {top_ms} ms, over RabbitMQ's limit of "
+                f"{MAX_TTL_MS} ms (10 years): set DELAY_LEVELS to {fits} or less"
+            )
+        return self
+
     @property
     def rabbitmq_urls(self) -> tuple[str, ...]:
         """Every node's URL, in the order given (they carry the credentials: never log them)."""
@@ -316,3 +338,23 @@ def _at_least(value: SecretStr, length: int) -> SecretStr:
     if len(secret) < length or len(set(secret)) < 6:
         raise ValueError(f"must be at least {length} characters and not repetitive")
     return value
+
+
+class _LogSettings(BaseSettings):
+    """The two settings that choose the log format, read alone (as Settings reads them)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=True)
+
+    NODE_ENV: str = "dev"
+    LOG_FORMAT: str = ""
+
+
+def early_log_format() -> str:
+    """The log format Settings would choose, for reporting that Settings cannot be read."""
+    try:
+        raw = _LogSettings()
+    except ValueError:
+        return "console"
+    if raw.LOG_FORMAT in ("json", "console"):
+        return raw.LOG_FORMAT
+    return "console" if raw.NODE_ENV == "dev" else "json"

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import pymysql
+import structlog
 
 from schemas.tasks import ExpirySent
 from shared.callbacks.outbox import NewEvent, publish_event, record_events
@@ -28,6 +29,8 @@ from shared.tasks.rules import (
     to_db_time,
 )
 from shared.tasks.timers import schedule_timer
+
+log = structlog.get_logger(__name__)
 
 # Adds are written in batches: every add that arrives while the previous batch's transaction is
 # in flight shares the next one (one multi-row INSERT per table, one commit, one fsync), so MySQL
@@ -121,6 +124,7 @@ async def add_task(
     if stored.event_id is None:
         return stored.added
     metrics.TASKS.labels("added").inc()
+    log.info("task.added", task_id=task_id, api_key_id=key_id, expire_at=due.isoformat())
     await broker.detach(_publish_added(db, broker, task_id, epoch_ms(due), stored.event_id))
     return stored.added
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import aiomysql
+import structlog
 
 from shared.callbacks.outbox import publish_events, record_events
 from shared.infra import metrics
@@ -21,6 +22,8 @@ from shared.infra.broker import Broker
 from shared.infra.db import Database, Row, placeholders, rerun_if_rolled_back, utcnow
 from shared.tasks.model import EXPIRED, PENDING, FiredBy
 from shared.tasks.rules import decode_expiry_sent, task_event
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,14 @@ def _expired(rows: list[Row], event_ids: list[str], fired_at: datetime, source: 
     for row in rows:
         lateness = (fired_at - row["expire_at"]).total_seconds()
         metrics.TASK_EXPIRY_LATENESS.labels(source).observe(max(0.0, lateness))
+        # One line per task, once: only the transaction that flipped the row gets here.
+        log.info(
+            "task.expired",
+            task_id=row["task_id"],
+            api_key_id=row["api_key_id"],
+            fired_by=source,
+            late_ms=round(lateness * 1000, 1),
+        )
     if rows:
         metrics.TASKS.labels("expired").inc(len(rows))
     return Expired([row["task_id"] for row in rows], event_ids)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import structlog
+
 from shared.callbacks.outbox import publish_events, record_events
 from shared.infra import metrics
 from shared.infra.broker import Broker
@@ -11,11 +13,14 @@ from shared.infra.db import Database, rerun_if_rolled_back, utcnow
 from shared.tasks.model import PENDING, REMOVED, TASK_COLUMNS, TaskNotFound, TaskNotPending
 from shared.tasks.rules import decode_expiry_sent, task_event
 
+log = structlog.get_logger(__name__)
+
 
 async def remove_task(db: Database, broker: Broker, *, key_id: int, task_id: str) -> None:
     """PENDING -> REMOVED with its REMOVE event; the timer message is dropped when it arrives."""
     event_ids = await rerun_if_rolled_back(lambda: _remove(db, key_id, task_id))
     metrics.TASKS.labels("removed").inc()
+    log.info("task.removed", task_id=task_id, api_key_id=key_id)
     await publish_events(broker, event_ids)
 
 
