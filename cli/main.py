@@ -206,6 +206,12 @@ class _Serving:
 
 
 def _serve_http(settings: Settings, serving: _Serving, *, migrate: bool) -> None:
+    from cli.supervisor import check_port_free
+
+    # Before waiting for anything: a port in use is said at once, not after the connections.
+    check_port_free(settings.HOST, settings.PORT, "PORT", reuse_port=serving.reuse_port)
+    if serving.metrics_port:
+        check_port_free(settings.HOST, serving.metrics_port, "METRICS_PORT", reuse_port=False)
     if migrate:
         _run(_migrate(settings))
     _run(_serve_app(settings, serving))

@@ -103,11 +103,16 @@ def with_metrics_ports(children: Sequence[Child], first: int) -> list[Child]:
     return [replace(c, metrics_port=first + n) for n, c in enumerate(children)]
 
 
-def check_port_free(host: str, port: int, setting: str) -> None:
+def check_port_free(host: str, port: int, setting: str, *, reuse_port: bool = True) -> None:
     """CannotListen (one line) when another program holds the port: otherwise every child that
-    needs it would fail to bind and be restarted forever."""
+    needs it would fail to bind and be restarted forever (and a process alone would fail only
+    after connecting to everything). `reuse_port`: processes sharing it with SO_REUSEPORT
+    (the gateways of one supervisor) do not count as holding it."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
