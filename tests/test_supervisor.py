@@ -126,6 +126,11 @@ async def _healthy(tree: Tree) -> None:
     await eventually(answers, 60, "the gateway to answer")
 
 
+def _body(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return bytes(resp.read())
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -337,3 +342,61 @@ def test_gateway_children_declare_the_topology_unless_told_not_to() -> None:
     assert all(
         "--no-setup-broker" in child.args for child in gateway_children(2, setup_broker=False)
     )
+
+
+def _free_ports(count: int) -> int:
+    """The first of `count` consecutive ports that are free now."""
+    import socket
+
+    for _ in range(50):
+        first = free_port()
+        if first + count > 65535:
+            continue
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+async def test_every_child_serves_probes_on_a_port_of_its_own(
+    own_env: dict[str, str], tmp_path: Path
+) -> None:
+    """METRICS_PORT, METRICS_PORT+1, ...: the gateways first, then the workers, each port
+    served by its own child (so a scrape of one never lands on another, as on the shared PORT)."""
+    names = ["gateway-1", "worker-expiry", "worker-callbacks", "worker-email"]
+    names.append("worker-reconciler+ses-events")
+    first = _free_ports(len(names))
+    env = {**own_env, "METRICS_PORT": str(first)}
+    tree = Tree(env, ["run", "--processes", "1", "--callbacks-processes", "1"], tmp_path)
+    try:
+        await _healthy(tree)
+        pids = await _wait_children(tree, set(names))
+        for offset, name in enumerate(names):
+            url = f"http://127.0.0.1:{first + offset}"
+
+            async def ready(url: str = url) -> bool:
+                try:
+                    return await asyncio.to_thread(_get, url + "/readyz") == 200
+                except OSError:
+                    return False
+
+            await eventually(ready, 60, f"{name}'s /readyz")
+            listening = _listening_inodes(first + offset)
+            assert _socket_inodes(pids[name]) & listening, name
+            metrics = await asyncio.to_thread(_body, url + "/metrics")
+            assert b"qs_email_rate_factor 1.0" in metrics
+    finally:
+        code = await asyncio.to_thread(tree.stop)
+    assert code == 0
+    started = {
+        line["child"]: line["metrics_port"]
+        for line in tree.lines()
+        if line["event"] == "child.started"
+    }
+    assert started == {name: first + n for n, name in enumerate(names)}
+    listening = [line for line in tree.lines() if str(line["event"]).startswith("listening on")]
+    assert [line["process"] for line in listening] == ["gateway-1"]
