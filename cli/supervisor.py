@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
+from shared.infra.logs import fail
 from shared.infra.probes import CannotListen
 
 log = structlog.get_logger("supervisor")
@@ -127,7 +128,7 @@ def follow_parent(supervisor_pid: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != supervisor_pid:  # it died before prctl took effect
-        sys.exit("queue-server: the supervisor is gone")
+        fail("queue-server: the supervisor is gone")
 
 
 def _command(child: Child) -> list[str]:
