@@ -102,6 +102,7 @@ def bench_env(name: str, args: argparse.Namespace) -> dict[str, str]:
         "CALLBACK_CONCURRENCY": str(args.concurrency),
         "CALLBACK_PER_KEY_CONCURRENCY": str(args.concurrency),
         "LOG_LEVEL": args.log_level,
+        "METRICS_PORT": "0",  # several workers on one machine: no probe ports
         "LOG_FORMAT": "json",
     }
 

@@ -247,6 +247,7 @@ async def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             **ses.aws_env(),
             "AWS_SES_SEND_LIMIT_PER_SEC": "5000",
             "LOG_LEVEL": "WARNING",
+            "METRICS_PORT": "0",  # several workers on one machine: no probe ports
             "LOG_FORMAT": "json",
             # Nothing may be lost here: keep the reconciler to its sweeps' fixed cost.
             "TASK_SWEEP_GRACE_SECONDS": "3600",

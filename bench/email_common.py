@@ -186,6 +186,7 @@ async def bench_stack(**settings: str) -> AsyncIterator[EmailBench]:
         "RABBITMQ_URL": f"{AMQP_BASE}/{run_id}",
         "EMAIL_TRANSPORT": "ses",
         "LOG_LEVEL": "WARNING",
+        "METRICS_PORT": "0",  # several workers on one machine: no probe ports
         **ses.aws_env(),
         **settings,
     }

@@ -122,6 +122,7 @@ async def one_run(
         **ses.aws_env(),
         "AWS_SES_SEND_LIMIT_PER_SEC": "5000",
         "LOG_LEVEL": "WARNING",
+        "METRICS_PORT": "0",  # several workers on one machine: no probe ports
         "LOG_FORMAT": "json",
     }
     workdir = own.root / name

@@ -179,6 +179,7 @@ def stack(name: str, command: tuple[str, ...] = (EXE,), **settings: str) -> Iter
         "MYSQL_DB": run_id,
         "RABBITMQ_URL": f"{AMQP_BASE}/{run_id}",
         "LOG_LEVEL": "WARNING",
+        "METRICS_PORT": "0",  # several workers on one machine: no probe ports
         "LOG_FORMAT": "json",
         **settings,
     }
