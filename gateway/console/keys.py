@@ -79,6 +79,7 @@ async def create(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         "title": f"Key {created.key.api_name} created",
         "api_key": created.plaintext,
         "webhook_secret": created.webhook_secret,
+        "previous_valid_until": None,
     }
     return await _page(request, viewer, shown_once=shown)
 
