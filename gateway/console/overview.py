@@ -68,7 +68,7 @@ def _charts(hour: activity.LastHour) -> list[charts.Chart]:
     return [
         charts.single("tasks added", hour.adds.values, "c-adds"),
         charts.single("tasks expired", hour.expiries.values, "c-expiries"),
-        charts.single("expiry lateness (max)", hour.lateness_max_s.values, "c-late", unit="s"),
+        charts.single("expiry lateness", hour.lateness_max_s.values, "c-late", unit="s"),
         charts.single("emails sent", hour.sends.values, "c-sends"),
         charts.stacked("callback attempts", outcomes),
     ]
