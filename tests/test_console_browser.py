@@ -25,7 +25,7 @@ CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil
 ARTIFACTS = Path(__file__).resolve().parent.parent / "tmp" / "artifacts"
 
 if CHROMIUM is None and os.environ.get("QS_REQUIRE_BROWSER") != "1":
-    pytest.skip("no chromium on this machine (CI sets QS_REQUIRE_BROWSER=1)", allow_module_level=True)
+    pytest.skip("no chromium here (CI sets QS_REQUIRE_BROWSER=1)", allow_module_level=True)
 
 from playwright.async_api import Page, async_playwright, expect  # noqa: E402
 
