@@ -21,6 +21,7 @@ from gateway.app_keys import (
     SNS_HTTP,
 )
 from gateway.auth import KeyCache
+from gateway.console import setup_console
 from gateway.docs import add_assets
 from gateway.endpoints import install
 from gateway.middleware import access_log, auth, body_deadline, errors
@@ -127,4 +128,5 @@ def create_app(settings: Settings, *, setup_broker: bool = True) -> web.Applicat
     app.cleanup_ctx.append(_status_refresher)
     install(app, ALL_ENDPOINTS)
     add_assets(app)
+    setup_console(app)
     return app

@@ -100,17 +100,19 @@ async def _locked_status(cur: aiomysql.Cursor, api_key_id: int, event_id: str) -
 
 
 async def replay_since(
-    db: Database, api_key_id: int, since: datetime, *, limit: int
+    db: Database, api_key_id: int | None, since: datetime, *, limit: int
 ) -> tuple[list[str], bool]:
-    """Restart up to `limit` undelivered (FAILED, GONE) events created at or after `since`.
+    """Restart up to `limit` undelivered (FAILED, GONE) events created at or after `since`, of
+    one key (or, for an operator, of every key with `api_key_id` None).
 
     Returns their ids and whether more remain (call again: the restarted ones are PENDING now).
     """
+    scope = "" if api_key_id is None else "api_key_id = %s AND "
     async with db.transaction() as cur:
         await cur.execute(
-            "SELECT event_id FROM callback_events WHERE api_key_id = %s AND status IN (%s, %s)"
+            f"SELECT event_id FROM callback_events WHERE {scope}status IN (%s, %s)"  # noqa: S608 - literals
             " AND created_at >= %s ORDER BY created_at LIMIT %s FOR UPDATE",
-            (api_key_id, *UNDELIVERED, since, limit + 1),
+            (*([] if api_key_id is None else [api_key_id]), *UNDELIVERED, since, limit + 1),
         )
         ids = [row["event_id"] for row in await cur.fetchall()]
         more = len(ids) > limit
@@ -147,4 +149,71 @@ async def list_recent(
         f"SELECT api_key_id, {_SUMMARY_COLUMNS} FROM callback_events WHERE {where}"  # noqa: S608 - placeholders
         " ORDER BY id DESC LIMIT %s",
         [*args, limit],
+    )
+
+
+async def owner_of(db: Database, event_id: str) -> int | None:
+    """The key an event belongs to (an operator acts on any key's events as that key)."""
+    row = await db.fetchone(
+        "SELECT api_key_id FROM callback_events WHERE event_id = %s", (event_id,)
+    )
+    return None if row is None else int(row["api_key_id"])
+
+
+async def list_page(
+    db: Database,
+    *,
+    api_key_id: int | None,
+    status: str | None,
+    limit: int,
+    after: str | None = None,
+) -> tuple[list[Row], bool]:
+    """Deliveries newest first (one key's, or every key's), up to `limit` after the event
+    `after` (the last of the previous page), and whether more follow: keyset paging, so a deep
+    page costs what the first does. One key's walk (api_key_id[, status], created_at); every
+    key's walk the primary key. An `after` that is not one of the key's events starts over."""
+    where: list[str] = ["TRUE"]
+    args: list[Any] = []
+    if api_key_id is not None:
+        where.append("api_key_id = %s")
+        args.append(api_key_id)
+    if status is not None:
+        where.append("status = %s")
+        args.append(status)
+    cursor = await _cursor(db, api_key_id, after) if after else None
+    if api_key_id is None:
+        order = "id DESC"
+        if cursor is not None:
+            where.append("id < %s")
+            args.append(cursor["id"])
+    else:
+        order = "created_at DESC, id DESC"
+        if cursor is not None:
+            where.append("created_at <= %s AND (created_at < %s OR id < %s)")
+            args += [cursor["created_at"], cursor["created_at"], cursor["id"]]
+    # Every key's: the newest first along the primary key, never a sort of a status's rows.
+    force = " FORCE INDEX (PRIMARY)" if api_key_id is None else ""
+    rows = await db.fetchall(
+        f"SELECT api_key_id, {_SUMMARY_COLUMNS} FROM callback_events{force}"  # noqa: S608 - literals
+        f" WHERE {' AND '.join(where)} ORDER BY {order} LIMIT %s",
+        [*args, limit + 1],
+    )
+    return rows[:limit], len(rows) > limit
+
+
+async def _cursor(db: Database, api_key_id: int | None, event_id: str) -> Row | None:
+    row = await db.fetchone(
+        "SELECT id, created_at, api_key_id FROM callback_events WHERE event_id = %s", (event_id,)
+    )
+    if row is None or (api_key_id is not None and row["api_key_id"] != api_key_id):
+        return None
+    return row
+
+
+async def of_subject(db: Database, api_key_id: int, subject_id: str) -> list[Row]:
+    """A key's events about one task or email, oldest first (its timeline)."""
+    return await db.fetchall(
+        f"SELECT {_SUMMARY_COLUMNS} FROM callback_events FORCE INDEX (ix_callback_events_subject)"  # noqa: S608 - literals
+        " WHERE subject_id = %s AND api_key_id = %s ORDER BY id",
+        (subject_id, api_key_id),
     )

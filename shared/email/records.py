@@ -54,3 +54,88 @@ async def fetch_page(db: Database, key_id: int, *, page: int, amount: int) -> li
         " ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s",
         (key_id, amount, (page - 1) * amount),
     )
+
+
+_LIST_COLUMNS = (
+    "id, email_id, api_key_id, type, status, recipient, send_email, subject, attachments,"
+    " opened, created_at, sent_at"
+)
+
+
+async def list_page(
+    db: Database,
+    *,
+    api_key_id: int | None,
+    status: str | None,
+    type_: str | None,
+    limit: int,
+    after: str | None = None,
+) -> tuple[list[Row], bool]:
+    """Emails newest first (one key's, or every key's), up to `limit` after the email `after`
+    (the last of the previous page), and whether more follow. Keyset paging: one key's walk
+    ix_emails_key_created, every key's the primary key; an unknown `after` starts over."""
+    where: list[str] = ["TRUE"]
+    args: list[Any] = []
+    for column, value in (("api_key_id", api_key_id), ("status", status), ("type", type_)):
+        if value is not None:
+            where.append(f"{column} = %s")
+            args.append(value)
+    cursor = await _cursor(db, api_key_id, after) if after else None
+    if api_key_id is None:
+        order, index = "id DESC", "PRIMARY"
+        if cursor is not None:
+            where.append("id < %s")
+            args.append(cursor["id"])
+    else:
+        order, index = "created_at DESC, id DESC", "ix_emails_key_created"
+        if cursor is not None:
+            where.append("created_at <= %s AND (created_at < %s OR id < %s)")
+            args += [cursor["created_at"], cursor["created_at"], cursor["id"]]
+    rows = await db.fetchall(
+        f"SELECT {_LIST_COLUMNS} FROM emails FORCE INDEX ({index})"  # noqa: S608 - literals
+        f" WHERE {' AND '.join(where)} ORDER BY {order} LIMIT %s",
+        [*args, limit + 1],
+    )
+    return rows[:limit], len(rows) > limit
+
+
+async def _cursor(db: Database, api_key_id: int | None, email_id: str) -> Row | None:
+    row = await db.fetchone(
+        "SELECT id, created_at, api_key_id FROM emails WHERE email_id = %s", (email_id,)
+    )
+    if row is None or (api_key_id is not None and row["api_key_id"] != api_key_id):
+        return None
+    return row
+
+
+async def owner_of(db: Database, email_id: str) -> int | None:
+    """The key an email belongs to (an operator reads any key's email as that key)."""
+    row = await db.fetchone("SELECT api_key_id FROM emails WHERE email_id = %s", (email_id,))
+    return None if row is None else int(row["api_key_id"])
+
+
+async def detail(db: Database, api_key_id: int, email_id: str) -> Row | None:
+    """One of this key's emails with its body fields, error and counters; None if not its."""
+    return await db.fetchone(
+        f"SELECT {_LIST_COLUMNS}, reply_email, short_name, data, body_text, template, error,"  # noqa: S608 - literals
+        " attempts, failures, open_count, ses_message_id, updated_at FROM emails"
+        " WHERE email_id = %s AND api_key_id = %s",
+        (email_id, api_key_id),
+    )
+
+
+async def events(db: Database, email_id: str) -> list[Row]:
+    """What SES and the pixel reported about an email, oldest first."""
+    return await db.fetchall(
+        "SELECT event_type, occurred_at, created_at, detail FROM email_events"
+        " WHERE email_id = %s ORDER BY id",
+        (email_id,),
+    )
+
+
+async def attachment_names(db: Database, email_pk: int) -> list[Row]:
+    return await db.fetchall(
+        "SELECT filename, content_type, size FROM email_attachments WHERE email_pk = %s"
+        " ORDER BY position",
+        (email_pk,),
+    )

@@ -107,6 +107,13 @@ class Settings(BaseSettings):
     # start in any order); wrong credentials or a missing vhost/database fail at once.
     STARTUP_WAIT_SECONDS: float = Field(60.0, ge=0, le=3600)
 
+    # --- the console (/console, README "Console") -------------------------------------------
+    # A console sign-in lasts this long (then the key is asked for again).
+    CONSOLE_SESSION_HOURS: float = Field(12.0, gt=0, le=24 * 30)
+    # Failed console sign-ins one client address may make per minute (per gateway process);
+    # further attempts within the minute are refused (429) without checking the key.
+    CONSOLE_LOGIN_FAILURES_PER_MINUTE: int = Field(5, ge=1, le=10_000)
+
     # --- keys and secrets (README "Callbacks" and "Operations") ---------------------------
     # The SALT before the current one, while rotating SALT: webhook secrets sealed under it
     # still open (and are re-sealed under SALT at start), pixels it signed still count.

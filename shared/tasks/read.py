@@ -113,3 +113,9 @@ async def _cursor_id(db: Database, key_id: int | None, task_id: str) -> int:
     if row is None or (key_id is not None and row["api_key_id"] != key_id):
         raise TaskNotFound("cursor is not one of this key's tasks")
     return int(row["id"])
+
+
+async def owner_of(db: Database, task_id: str) -> int | None:
+    """The key a task belongs to (an operator reads and removes any key's task as that key)."""
+    row = await db.fetchone("SELECT api_key_id FROM tasks WHERE task_id = %s", (task_id,))
+    return None if row is None else int(row["api_key_id"])
