@@ -34,7 +34,7 @@ from pathlib import Path
 
 from email_common import EmailBench, bench_stack, form_bytes, free_port, percentile, wait_healthy
 from load import raw_clients
-from measure import CpuMeter, cpu_seconds, supervised
+from measure import CpuMeter, cpu_seconds, supervised, wait_all_serving
 
 
 def parse_args() -> argparse.Namespace:
@@ -134,6 +134,7 @@ def start_service(bench: EmailBench, args: argparse.Namespace) -> tuple[int, str
     if args.processes:
         command += ["--processes", str(args.processes)]
     proc = bench.start(*command, "--no-migrate", "--no-setup-broker", port=port)
+    wait_all_serving(command[0], proc.pid, port)
     return proc.pid, f"http://127.0.0.1:{port}"
 
 

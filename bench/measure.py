@@ -135,3 +135,46 @@ class CpuMeter:
             + ", ".join(f"{name} {seconds / wall * 100:.0f}%" for name, seconds in used.items())
             + f"; whole machine {machine:.0f}% of {os.cpu_count()} cores, {stolen:.0f}% stolen"
         )
+
+
+def wait_all_serving(name: str, pid: int, port: int, within: float = 60) -> None:
+    """Return once every gateway process of `queue-server` command `pid` listens on `port`.
+
+    Keep-alive clients stay with the process that took their connection (SO_REUSEPORT): a
+    load that starts while one gateway child is still booting lands whole on the others."""
+    deadline = time.monotonic() + within
+    while True:
+        listening = _listening_inodes(port)
+        gateways = [p for n, p in supervised(name, pid).items() if not n.startswith("worker")]
+        waiting = [p for p in gateways if not _socket_inodes(p) & listening]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gateway processes {waiting} do not listen on {port}")
+        time.sleep(0.1)
+
+
+def _listening_inodes(port: int) -> set[str]:
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                found.add(cols[9])
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[len("socket:[") : -1])
+    return found

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 from load import Post, raw_clients
-from measure import CpuMeter, cpu_seconds, supervised
+from measure import CpuMeter, cpu_seconds, supervised, wait_all_serving
 from tasks_common import (
     Stack,
     broker_memory_mb,
@@ -222,6 +222,7 @@ async def main() -> None:
             MYSQL_POOL_SIZE=str(args.pool),
         )
         assert gateway.url is not None
+        wait_all_serving(command[0], gateway.proc.pid, int(gateway.url.rsplit(":", 1)[1]))
         async with receiver() as recv, http_session() as session:
             return_api = recv.url if args.run else "http://127.0.0.1:9/none"
             headers = await create_key(session, gateway.url, bench, return_api)

@@ -178,7 +178,8 @@ def stack(name: str, command: tuple[str, ...] = (EXE,), **settings: str) -> Iter
         "MYSQL_PASS": str(MYSQL["password"]),
         "MYSQL_DB": run_id,
         "RABBITMQ_URL": f"{AMQP_BASE}/{run_id}",
-        "LOG_LEVEL": "WARNING",
+        # INFO writes a line per task added and expired: BENCH_LOG_LEVEL=INFO measures that.
+        "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
         "METRICS_PORT": "0",  # several workers on one machine: no probe ports
         "LOG_FORMAT": "json",
         **settings,
