@@ -7,6 +7,7 @@ import base64
 import gc
 import random
 import re
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
@@ -28,7 +30,7 @@ from shared.infra import crypto, ids
 from shared.infra.batching import BatcherPerOwner
 from shared.infra.clock import sleep_until
 from shared.infra.db import DatabaseUnavailable
-from shared.infra.logs import _redact
+from shared.infra.logs import _redact, _renderer
 from shared.infra.settings import Settings
 from shared.keys.durations import DurationError, expiry_after
 from shared.tasks.rules import epoch_ms
@@ -98,6 +100,23 @@ def test_secrets_are_redacted_from_log_events() -> None:
     out = _redact(None, "info", event)
     assert out["api_key"] == out["authorization"] == out["token"] == "[redacted]"
     assert out["n"] == 1
+
+
+@pytest.mark.parametrize("log_format", ["console", "json"])
+def test_a_logged_traceback_shows_no_local_variables(log_format: str) -> None:
+    def connect(url: str) -> None:
+        raise ConnectionError("refused")
+
+    password = "hunter" + "2"  # a local the traceback's frame holds, not in its source lines
+    try:
+        connect(f"amqp://user:{password}@broker/")
+    except ConnectionError:
+        event = {"event": "broker.failed", "exc_info": sys.exc_info()}
+    if log_format == "json":
+        event = structlog.processors.format_exc_info(None, "error", event)
+    line = str(_renderer(log_format)(None, "error", event))
+    assert "ConnectionError: refused" in line
+    assert "hunter2" not in line
 
 
 SALT_A = "s" * 10 + "alt-for-tests-0123456789abcdef"

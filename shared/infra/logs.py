@@ -58,7 +58,11 @@ def _with_process(name: str) -> structlog.typing.Processor:
 def _renderer(log_format: str) -> structlog.typing.Processor:
     if log_format == "json":
         return structlog.processors.JSONRenderer()
-    return structlog.dev.ConsoleRenderer(colors=False)
+    # Plain tracebacks whatever is installed: with `rich` present (a dev dependency) structlog
+    # would print every frame's local variables, settings and connection strings among them.
+    return structlog.dev.ConsoleRenderer(
+        colors=False, exception_formatter=structlog.dev.plain_traceback
+    )
 
 
 def configure_logging(settings: Settings, *, process: str | None = None) -> None:
