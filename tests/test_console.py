@@ -198,6 +198,8 @@ async def test_operator_pages_render_for_the_admin_and_are_403_for_a_client(
         assert resp.headers["Content-Security-Policy"].startswith("default-src 'self'")
         text = await resp.text()
         assert not re.search(r'(src|href)="(https?:)?//', text), path  # nothing from elsewhere
+    for path in ("/console/keys?page=x", "/console/templates?page=x"):  # as page 1, not 500
+        assert (await session.get(path)).status == 200, path
     overview = await (await session.get("/console")).text()
     for part in ("MySQL", "RabbitMQ", "qs.expiry", "Send rate", "SES quota", "tasks added"):
         assert part in overview, part

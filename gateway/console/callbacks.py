@@ -57,7 +57,7 @@ async def list_callbacks(request: web.Request, viewer: Viewer) -> web.StreamResp
 async def delivery(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     event_id = request.match_info["event_id"]
     db = request.app[DB]
-    key_id = await owner(viewer, await records.owner_of(db, event_id))
+    key_id = await owner(viewer, lambda: records.owner_of(db, event_id))
     row = None if key_id is None else await records.get_delivery(db, key_id, event_id)
     if row is None or key_id is None:
         return refuse(request, viewer, 404, "No such delivery.")
@@ -77,7 +77,7 @@ async def delivery(request: web.Request, viewer: Viewer) -> web.StreamResponse:
 async def replay(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     event_id = request.match_info["event_id"]
     db = request.app[DB]
-    key_id = await owner(viewer, await records.owner_of(db, event_id))
+    key_id = await owner(viewer, lambda: records.owner_of(db, event_id))
     before = None if key_id is None else await records.replay(db, key_id, event_id)
     if before is None:
         return refuse(request, viewer, 404, "No such delivery.")

@@ -73,7 +73,7 @@ async def _message(db: Database, row: Row) -> tuple[str | None, str | None]:
 async def email(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     email_id = request.match_info["email_id"]
     db = request.app[DB]
-    key_id = await owner(viewer, await records.owner_of(db, email_id))
+    key_id = await owner(viewer, lambda: records.owner_of(db, email_id))
     row = None if key_id is None else await records.detail(db, key_id, email_id)
     if row is None or key_id is None:
         return refuse(request, viewer, 404, "No such email.")

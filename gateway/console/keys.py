@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from gateway.app_keys import DB, KEY_CACHE, SETTINGS
 from gateway.auth import Role
+from gateway.console.scope import PAGE_SIZE, page_number
 from gateway.console.session import HOME, Viewer, fields, page, render, see_other
 from gateway.endpoints import validation_message
 from schemas.api_keys import CreateKey, UpdateKey
@@ -19,14 +20,13 @@ from shared.keys import apikeys, webhook_secrets
 from shared.keys.durations import DurationError, expiry_after
 
 routes = web.RouteTableDef()
-PAGE_SIZE = 50
 PATH = f"{HOME}/keys"
 
 
 async def _page(
     request: web.Request, viewer: Viewer, *, status: int = 200, **extra: Any
 ) -> web.StreamResponse:
-    number = max(1, int(request.query.get("page", "1") or 1))
+    number = page_number(request)
     rows, total = await inventory.keys_with_counts(request.app[DB], page=number, limit=PAGE_SIZE)
     context = {
         "keys": rows,

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway.app_keys import DB
 from gateway.auth import Role
+from gateway.console.scope import PAGE_SIZE, page_number
 from gateway.console.session import HOME, Viewer, fields, files, page, render, see_other
 from shared.email import suppressions, templates
 from shared.email.mime import check_header_value, render_template, template_variables
@@ -16,20 +17,12 @@ from shared.email.mime import check_header_value, render_template, template_vari
 routes = web.RouteTableDef()
 TEMPLATES = f"{HOME}/templates"
 SUPPRESSIONS = f"{HOME}/suppressions"
-PAGE_SIZE = 50
-
-
-def _number(request: web.Request) -> int:
-    try:
-        return max(1, int(request.query.get("page", "1")))
-    except ValueError:
-        return 1
 
 
 async def _templates(
     request: web.Request, viewer: Viewer, *, status: int = 200, error: str | None = None
 ) -> web.StreamResponse:
-    number = _number(request)
+    number = page_number(request)
     names, total = await templates.list_templates(request.app[DB], page=number, limit=PAGE_SIZE)
     context: dict[str, Any] = {
         "names": names,
@@ -100,7 +93,7 @@ async def remove(request: web.Request, viewer: Viewer) -> web.StreamResponse:
 @routes.get(SUPPRESSIONS)
 @page(Role.ADMIN)
 async def list_suppressions(request: web.Request, viewer: Viewer) -> web.StreamResponse:
-    number = _number(request)
+    number = page_number(request)
     rows, total = await suppressions.page(request.app[DB], page=number, limit=PAGE_SIZE)
     context = {
         "rows": rows,

@@ -3,7 +3,7 @@ named in the `key` filter."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -32,17 +32,26 @@ async def scope_of(request: web.Request, viewer: Viewer) -> Scope:
     return Scope(None, name, unknown=True) if key is None else Scope(key.id, name)
 
 
-async def owner(viewer: Viewer, found: int | None) -> int | None:
-    """The key an item is read as: a client only ever its own; the admin the item's owner."""
+async def owner(viewer: Viewer, find: Callable[[], Awaitable[int | None]]) -> int | None:
+    """The key an item is read as: a client only ever its own (no lookup); the admin the
+    item's owner, which `find` looks up."""
     if viewer.key is not None:
         return viewer.key.id
-    return found
+    return await find()
 
 
 async def names(request: web.Request, viewer: Viewer, ids: Iterable[int]) -> dict[int, str]:
     if viewer.key is not None:
         return {viewer.key.id: viewer.key.api_name}
     return await apikeys.key_names(request.app[DB], set(ids))
+
+
+def page_number(request: web.Request) -> int:
+    """The `page` of a numbered list (keys, templates): 1 when missing or not a number."""
+    try:
+        return max(1, int(request.query.get("page", "1")))
+    except ValueError:
+        return 1
 
 
 def choice(value: str | None, allowed: Iterable[str]) -> str | None:

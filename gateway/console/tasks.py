@@ -57,7 +57,7 @@ async def list_tasks(request: web.Request, viewer: Viewer) -> web.StreamResponse
 
 
 async def _owned(request: web.Request, viewer: Viewer, task_id: str) -> int | None:
-    return await owner(viewer, await read.owner_of(request.app[DB], task_id))
+    return await owner(viewer, lambda: read.owner_of(request.app[DB], task_id))
 
 
 @routes.get(PATH + "/{task_id}")
