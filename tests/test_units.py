@@ -29,7 +29,7 @@ from shared.email.transports import choose_transport
 from shared.infra import crypto, ids
 from shared.infra.batching import BatcherPerOwner
 from shared.infra.clock import sleep_until
-from shared.infra.db import DatabaseUnavailable
+from shared.infra.db import DatabaseUnavailable, newest_first
 from shared.infra.logs import _redact, _renderer
 from shared.infra.settings import Settings
 from shared.keys.durations import DurationError, expiry_after
@@ -100,6 +100,21 @@ def test_secrets_are_redacted_from_log_events() -> None:
     out = _redact(None, "info", event)
     assert out["api_key"] == out["authorization"] == out["token"] == "[redacted]"
     assert out["n"] == 1
+
+
+def test_newest_first_pages_along_the_primary_key_or_created_at_then_id() -> None:
+    where: list[str] = ["TRUE"]
+    args: list[Any] = []
+    assert newest_first(None, by_created=False, where=where, args=args) == "id DESC"
+    assert where == ["TRUE"] and args == []
+    assert newest_first({"id": 7}, by_created=False, where=where, args=args) == "id DESC"
+    assert where == ["TRUE", "id < %s"] and args == [7]
+    at = datetime(2026, 12, 5, 12, 0)
+    where, args = [], []
+    order = newest_first({"id": 7, "created_at": at}, by_created=True, where=where, args=args)
+    assert order == "created_at DESC, id DESC"
+    assert where == ["created_at <= %s AND (created_at < %s OR id < %s)"]
+    assert args == [at, at, 7]
 
 
 @pytest.mark.parametrize("log_format", ["console", "json"])

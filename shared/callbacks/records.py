@@ -9,7 +9,7 @@ from typing import Any
 import aiomysql
 
 from shared.callbacks.delivery import FINISHED, PENDING, UNDELIVERED
-from shared.infra.db import Database, Row
+from shared.infra.db import Database, Row, newest_first
 
 _SUMMARY_COLUMNS = (
     "event_id, event_type, subject_id, status, attempts, last_status_code, last_error,"
@@ -181,16 +181,7 @@ async def list_page(
         where.append("status = %s")
         args.append(status)
     cursor = await _cursor(db, api_key_id, after) if after else None
-    if api_key_id is None:
-        order = "id DESC"
-        if cursor is not None:
-            where.append("id < %s")
-            args.append(cursor["id"])
-    else:
-        order = "created_at DESC, id DESC"
-        if cursor is not None:
-            where.append("created_at <= %s AND (created_at < %s OR id < %s)")
-            args += [cursor["created_at"], cursor["created_at"], cursor["id"]]
+    order = newest_first(cursor, by_created=api_key_id is not None, where=where, args=args)
     # Every key's: the newest first along the primary key, never a sort of a status's rows.
     force = " FORCE INDEX (PRIMARY)" if api_key_id is None else ""
     rows = await db.fetchall(

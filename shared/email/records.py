@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from shared.email.model import EMAIL_ID_PATTERN
-from shared.infra.db import Database, Row
+from shared.infra.db import Database, Row, newest_first
 
 _RECORD_COLUMNS = (
     "email_id, recipient, send_email, subject, data, opened, created_at, updated_at,"
@@ -81,16 +81,9 @@ async def list_page(
             where.append(f"{column} = %s")
             args.append(value)
     cursor = await _cursor(db, api_key_id, after) if after else None
-    if api_key_id is None:
-        order, index = "id DESC", "PRIMARY"
-        if cursor is not None:
-            where.append("id < %s")
-            args.append(cursor["id"])
-    else:
-        order, index = "created_at DESC, id DESC", "ix_emails_key_created"
-        if cursor is not None:
-            where.append("created_at <= %s AND (created_at < %s OR id < %s)")
-            args += [cursor["created_at"], cursor["created_at"], cursor["id"]]
+    by_key = api_key_id is not None
+    order = newest_first(cursor, by_created=by_key, where=where, args=args)
+    index = "ix_emails_key_created" if by_key else "PRIMARY"
     rows = await db.fetchall(
         f"SELECT {_LIST_COLUMNS} FROM emails FORCE INDEX ({index})"  # noqa: S608 - literals
         f" WHERE {' AND '.join(where)} ORDER BY {order} LIMIT %s",

@@ -86,6 +86,21 @@ def placeholders(count: int) -> str:
     return ", ".join(["%s"] * count)
 
 
+def newest_first(cursor: Row | None, *, by_created: bool, where: list[str], args: list[Any]) -> str:
+    """The ORDER BY of a newest-first keyset page, adding to `where`/`args` what keeps only the
+    rows after `cursor` (the previous page's last row: its id and created_at). Along the primary
+    key, or along (…, created_at, id) when `by_created` (a per-key index ending in those)."""
+    if not by_created:
+        if cursor is not None:
+            where.append("id < %s")
+            args.append(cursor["id"])
+        return "id DESC"
+    if cursor is not None:
+        where.append("created_at <= %s AND (created_at < %s OR id < %s)")
+        args += [cursor["created_at"], cursor["created_at"], cursor["id"]]
+    return "created_at DESC, id DESC"
+
+
 def _is_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, pymysql.err.OperationalError | pymysql.err.InterfaceError):
         code = exc.args[0] if exc.args else None
