@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -27,6 +25,7 @@ from gateway.endpoints import install
 from gateway.middleware import access_log, auth, body_deadline, errors
 from gateway.routes import ENDPOINTS as ALL_ENDPOINTS
 from shared.email.tracking.notifications import LiveSnsHttp
+from shared.infra.periodic import every
 from shared.infra.resources import open_broker, open_database
 from shared.infra.settings import Settings
 from shared.keys.request_rates import KeyRates
@@ -72,18 +71,13 @@ async def _status_refresher(app: web.Application) -> AsyncIterator[None]:
     """Keep the fleet gauges (rows by status, queue depths) fresh for Prometheus scrapes."""
 
     async def refresh() -> None:
-        while True:
-            try:
-                await snapshot(app[DB], app[BROKER])
-            except Exception as exc:  # a scrape shows stale numbers; /readyz shows why
-                log.warning("status.refresh_failed", error=str(exc))
-            await asyncio.sleep(app[SETTINGS].STATUS_REFRESH_SECONDS)
+        try:
+            await snapshot(app[DB], app[BROKER])
+        except Exception as exc:  # a scrape shows stale numbers; /readyz shows why
+            log.warning("status.refresh_failed", error=str(exc))
 
-    task = asyncio.create_task(refresh(), name="status-refresher")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with every(app[SETTINGS].STATUS_REFRESH_SECONDS, refresh, name="status-refresher"):
+        yield
 
 
 async def _key_use(app: web.Application) -> AsyncIterator[None]:
@@ -96,16 +90,8 @@ async def _key_use(app: web.Application) -> AsyncIterator[None]:
         except Exception as exc:  # kept for the next flush; a stale "last used" harms nothing
             log.warning("key_use.flush_failed", error=str(exc))
 
-    async def flush_every() -> None:
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            await flush()
-
-    task = asyncio.create_task(flush_every(), name="key-use-flush")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with every(FLUSH_SECONDS, flush, name="key-use-flush", first_after=True):
+        yield
     await flush()
 
 
