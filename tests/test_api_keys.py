@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import db_rows
+from conftest import db_rows, db_write
 from openapi_spec_validator import validate as validate_openapi
 from structlog.testing import capture_logs
 
@@ -140,7 +140,7 @@ async def test_delete_by_name(client: Client, admin: dict[str, str], make_key: A
 
 async def test_expired_key_is_rejected(client: Client, make_key: Any, settings: Settings) -> None:
     key = await make_key(temporary=True, duration="1m")
-    db_rows(
+    await db_write(
         settings,
         "UPDATE api_keys SET expire_date = UTC_TIMESTAMP(3) - INTERVAL 1 SECOND"
         " WHERE api_name = %s",

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import FormData, web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import KeyFactory, db_rows, eventually
+from conftest import KeyFactory, db_rows, db_write, eventually
 
 from cli.app import create_app
 from shared.infra.settings import Settings
@@ -363,7 +363,9 @@ async def test_templates_upload_preview_remove(admin_console: Any) -> None:
 async def test_suppressions_are_listed_and_lifted(admin_console: Any, settings: Settings) -> None:
     session, csrf = admin_console
     address = f"bounced-{secrets.token_hex(3)}@example.com"
-    db_rows(settings, "INSERT INTO suppressions (email, reason) VALUES (%s, 'BOUNCE')", (address,))
+    await db_write(
+        settings, "INSERT INTO suppressions (email, reason) VALUES (%s, 'BOUNCE')", (address,)
+    )
     assert address in await (await session.get("/console/suppressions")).text()
     lifted = await session.post(
         "/console/suppressions/remove", data={"email": address, "csrf": csrf}

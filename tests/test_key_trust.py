@@ -23,7 +23,7 @@ import pymysql
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import MYSQL, KeyFactory, db_rows, eventually
+from conftest import MYSQL, KeyFactory, db_rows, db_write, eventually
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from receiver import Receiver
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -161,7 +161,7 @@ async def test_rotation_signs_with_both_secrets_during_the_overlap_then_the_new_
     assert await verify(client, bearer(before.headers), key["headers"]) == 200
     assert await verify(client, bearer(during.headers), key["headers"]) == 200
 
-    db_rows(
+    await db_write(
         client.app[SETTINGS],
         "UPDATE api_keys SET previous_secret_until = UTC_TIMESTAMP(3) WHERE public_id = %s",
         (key["key_id"],),
@@ -215,7 +215,7 @@ async def test_old_secrets_keep_working_and_are_resealed_at_start(
     settings = client.app[SETTINGS]
     key = await make_key(return_api=receiver.url("legacy"))
     secret = new_webhook_secret()  # as if created before the upgrade
-    db_rows(
+    await db_write(
         settings,
         "UPDATE api_keys SET webhook_secret_enc = %s, webhook_secret_kid = NULL"
         " WHERE public_id = %s",
@@ -300,7 +300,7 @@ async def test_pixels_tagged_the_old_way_count_only_for_emails_from_before_the_u
         assert resp.status == 200, await resp.text()
         ids.append((await resp.json())["queue_id"])
     old, new = ids
-    db_rows(
+    await db_write(
         settings,
         "UPDATE emails SET created_at = (SELECT applied_at - INTERVAL 1 DAY"
         " FROM schema_migrations WHERE version = 12) WHERE email_id = %s",
@@ -459,7 +459,7 @@ async def test_update_changes_return_api_expiry_and_rate(
     )
     assert resp.status == 404 and (await resp.json())["code"] == "KEY_NOT_FOUND"
     # An expired key can be given a new life.
-    db_rows(
+    await db_write(
         client.app[SETTINGS],
         "UPDATE api_keys SET expire_date = UTC_TIMESTAMP(3) WHERE public_id = %s",
         (key["key_id"],),
