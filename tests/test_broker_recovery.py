@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import aiohttp
+import aiormq
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from amqp_proxy import TcpProxy
@@ -239,6 +240,37 @@ async def test_the_watchdog_starts_over_when_a_reconnect_hangs_where_no_timeout_
         )
         assert metrics.BROKER_RECONNECTS.labels("watchdog")._value.get() > before
         assert reconnects[0].connection.is_closed or not reconnects[0].is_open()
+    finally:
+        await broker.close()
+
+
+async def test_a_supervisor_the_watchdog_replaced_ends_even_if_it_took_its_cancel_for_an_error(
+    settings: Settings, proxies: Callable[[], Any], vhost: str
+) -> None:
+    """aiormq turns a cancel that lands inside a channel call into ChannelClosed: the replaced
+    supervisor takes it for a failed connect. It must then end, not connect a second session
+    beside the new supervisor's (two supervisors would take the session from each other)."""
+    proxy: TcpProxy = await proxies()
+    broker = await Broker.connect(settings_for(settings, via(proxy, vhost=vhost)))
+    reconnects: list[Session] = []
+
+    async def hang_the_first(session: Session) -> None:
+        reconnects.append(session)
+        if len(reconnects) == 1:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise aiormq.exceptions.ChannelClosed(None, None) from None
+
+    try:
+        broker.link.on_reconnect = hang_the_first
+        proxy.drop()
+        await eventually(
+            lambda: _true(broker.is_ready() and len(reconnects) >= 2), 30, "a fresh connection"
+        )
+        await asyncio.sleep(3)  # far past the replaced supervisor's backoff (at most 0.5 s)
+        assert len(reconnects) == 2
+        assert broker.link.session is reconnects[1] and broker.is_ready()
     finally:
         await broker.close()
 

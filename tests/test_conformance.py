@@ -91,7 +91,8 @@ async def original(
             async with aiohttp.ClientSession() as http:
                 yield Original(mode, service.url, http, ses, receiver, env["ADMIN_API_KEY"])
         finally:
-            service.stop()
+            # Off the loop: the stopping service's last deliveries go to this loop's receiver.
+            await asyncio.to_thread(service.stop)
             await receiver.stop()
 
 

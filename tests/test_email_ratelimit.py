@@ -251,3 +251,32 @@ async def test_a_throttle_voids_slots_booked_at_the_old_rate(db: Database) -> No
     finally:
         await lim.stop()
         await other.stop()
+
+
+async def test_the_dispatcher_stops_even_when_its_round_takes_the_cancel_for_an_error(
+    db: Database,
+) -> None:
+    """A cancel that a library turns into an ordinary error (as aiormq does) must not leave the
+    dispatcher retrying its round for good while `stop()` waits for it."""
+    entered = asyncio.Event()
+
+    async def rate() -> float:
+        entered.set()
+        try:
+            await asyncio.Event().wait()  # a call the cancel lands in
+        except asyncio.CancelledError:
+            raise ConnectionError("closed") from None
+        return 1.0
+
+    lim = SendRateLimiter(
+        db, rate, bucket=f"stop-{secrets.token_hex(4)}", margin_s=0.015, promo_horizon_s=0.25,
+        max_wait_s=10.0, cooldown_s=30.0, quota_pause_s=600.0,
+    )  # fmt: skip
+    await lim.start()
+    waiting = asyncio.create_task(lim.acquire(Priority.TRANSACTIONAL))
+    await entered.wait()
+    # Ends by itself after its retry pause (0.5 s), not by stop()'s 5 s bound on the wait.
+    async with asyncio.timeout(4):
+        await lim.stop()
+    with pytest.raises(SlotTimeout):
+        await waiting

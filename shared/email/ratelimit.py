@@ -74,6 +74,8 @@ ALLOWANCE_BYTES_PER_S = 20_000_000
 # free-running crystal's worst case; NTP-disciplined clocks do far better).
 CLOCK_WINDOW_S = 5.0
 CLOCK_DRIFT = 100e-6
+# Stopping waits this long for a round in progress (a statement, a lock wait).
+STOP_TIMEOUT_S = 5.0
 
 
 class Priority(IntEnum):
@@ -298,6 +300,8 @@ class SendRateLimiter:
         # The newest `throttled_us` this process has seen (its own throttles, or the row).
         self._version = 0
         self._task: asyncio.Task[None] | None = None
+        # Set before the cancel: a cancel taken for a failed round must still end the loop.
+        self._stopping = False
 
     async def start(self) -> None:
         await self._db.execute(
@@ -308,9 +312,9 @@ class SendRateLimiter:
 
     async def stop(self) -> None:
         if self._task is not None:
+            self._stopping = True
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task], timeout=STOP_TIMEOUT_S)
             self._task = None
         for waiter in self._waiters:
             if not waiter.future.done():
@@ -340,7 +344,7 @@ class SendRateLimiter:
     # --- dispatcher ---------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
             self._expire_waiters()

@@ -3,6 +3,7 @@ transactions that InnoDB rolled back run again."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -29,6 +30,8 @@ class DatabaseUnavailable(Exception):
 # be run again.
 _ROLLED_BACK = {1213, 1205}
 _ROLLBACK_TRIES = 3
+# Closing waits this long for connections still out (a statement finishing, a lock wait).
+CLOSE_GRACE_S = 10.0
 
 T = TypeVar("T")
 
@@ -146,9 +149,16 @@ class Database:
             raise
         return cls(pool)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = CLOSE_GRACE_S) -> None:
+        """Close once every connection is back in the pool; after `grace` seconds, close those
+        still out (a task left behind at shutdown must not keep the process from stopping)."""
         self._pool.close()
-        await self._pool.wait_closed()
+        try:
+            await asyncio.wait_for(self._pool.wait_closed(), grace)
+        except TimeoutError:
+            log.warning("db.close_timeout", in_use=self._pool.size - self._pool.freesize)
+            self._pool.terminate()
+            await self._pool.wait_closed()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[aiomysql.Connection]:

@@ -205,6 +205,10 @@ class Link:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _attaching: asyncio.Lock = field(default_factory=asyncio.Lock)
     _closed: bool = False
+    # Which supervisor is the current one: one the watchdog replaced may have swallowed its
+    # cancel (aiormq turns a cancel inside a channel call into ChannelClosed) and must then
+    # leave the session alone and end.
+    _generation: int = 0
 
     async def open(self) -> None:
         """Connect to the first node that answers, in the order given, then keep connected.
@@ -214,16 +218,16 @@ class Link:
         if session is None:
             raise NoNodeAnswered(errors)
         self._up(session)
-        self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
+        self._start_supervisor()
         self._watchdog = asyncio.create_task(self._watch(), name="broker-watchdog")
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._watchdog, self._supervisor):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [t for t in (self._watchdog, self._supervisor) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
         session, self.session = self.session, None
         if session is not None:
             await session.close()
@@ -292,18 +296,31 @@ class Link:
         self._changed.set()
         return session
 
-    async def _supervise(self) -> None:
+    def _start_supervisor(self) -> None:
+        self._supervisor = asyncio.create_task(
+            self._supervise(self._generation), name="broker-supervisor"
+        )
+
+    def _current(self, generation: int) -> bool:
+        return not self._closed and generation == self._generation
+
+    async def _supervise(self, generation: int) -> None:
         failures = 0
-        while not self._closed:
+        while self._current(generation):
             session = self.session
             if session is not None:
                 await self._tend(session)
+                if not self._current(generation):
+                    return
                 log.warning("broker.connection_lost", node=session.node)
                 self._down("lost")
                 await session.close()
                 await asyncio.sleep(random.uniform(0, RECONNECT_SPREAD_S))
             nodes = random.sample(list(self.urls), len(self.urls))
             session = await self._open_any(nodes, reconnect=True)
+            if session is not None and not self._current(generation):
+                await session.close()  # replaced or closed while connecting
+                return
             if session is None:
                 failures += 1
                 ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**failures)
@@ -395,6 +412,7 @@ class Link:
     async def _restart(self) -> None:
         """Start over from nothing, whatever the supervisor and the session were doing."""
         log.error("broker.watchdog_restart", after_s=self.watchdog_s, node=self._node())
+        self._generation += 1
         if self._supervisor is not None:
             self._supervisor.cancel()
             # Not awaited: a supervisor stuck where cancelling cannot reach must not hold us.
@@ -402,7 +420,7 @@ class Link:
         session = self._down("watchdog")
         if session is not None:
             await session.close()
-        self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
+        self._start_supervisor()
 
     def _node(self) -> str | None:
         return None if self.session is None else self.session.node

@@ -25,7 +25,7 @@ async def every(
     Stopped by an event, not only by cancelling: a cancel that lands inside a channel call
     comes out of aiormq as `ChannelClosed`, an ordinary exception the step's error handling
     takes for a failed round, and a loop stopped by cancel alone would then go on for good
-    (and whoever awaits it would wait for good: tests/test_periodic.py).
+    (and whoever awaits it would wait for good: tests/test_stopping.py).
     """
     stop = asyncio.Event()
 
