@@ -216,40 +216,15 @@ async def test_readyz_is_503_while_a_consumer_of_the_process_is_not_attached(
 # --- the link in this process -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cancel_comes_out_as", ["CancelledError", "ChannelClosed"])
 async def test_the_watchdog_starts_over_when_a_reconnect_hangs_where_no_timeout_reaches(
-    settings: Settings, proxies: Callable[[], Any], vhost: str
+    settings: Settings, proxies: Callable[[], Any], vhost: str, cancel_comes_out_as: str
 ) -> None:
     """Whatever hangs (here the first reconnect's topology step never returns, as a declare
     the broker never answers would), the process is connected again within the watchdog's
-    bound: it cancels what hangs and starts over."""
-    proxy: TcpProxy = await proxies()
-    broker = await Broker.connect(settings_for(settings, via(proxy, vhost=vhost)))
-    reconnects: list[Session] = []
-
-    async def hang_the_first(session: Session) -> None:
-        reconnects.append(session)
-        if len(reconnects) == 1:
-            await asyncio.Event().wait()
-
-    before = metrics.BROKER_RECONNECTS.labels("watchdog")._value.get()
-    try:
-        broker.link.on_reconnect = hang_the_first
-        proxy.drop()
-        await eventually(
-            lambda: _true(broker.is_ready() and len(reconnects) >= 2), 30, "a fresh connection"
-        )
-        assert metrics.BROKER_RECONNECTS.labels("watchdog")._value.get() > before
-        assert reconnects[0].connection.is_closed or not reconnects[0].is_open()
-    finally:
-        await broker.close()
-
-
-async def test_a_supervisor_the_watchdog_replaced_ends_even_if_it_took_its_cancel_for_an_error(
-    settings: Settings, proxies: Callable[[], Any], vhost: str
-) -> None:
-    """aiormq turns a cancel that lands inside a channel call into ChannelClosed: the replaced
-    supervisor takes it for a failed connect. It must then end, not connect a second session
-    beside the new supervisor's (two supervisors would take the session from each other)."""
+    bound: it cancels what hangs and starts over. aiormq turns a cancel that lands inside a
+    channel call into ChannelClosed, which the replaced supervisor takes for a failed connect:
+    it must still end, not connect a second session beside the new supervisor's."""
     proxy: TcpProxy = await proxies()
     broker = await Broker.connect(settings_for(settings, via(proxy, vhost=vhost)))
     reconnects: list[Session] = []
@@ -260,14 +235,19 @@ async def test_a_supervisor_the_watchdog_replaced_ends_even_if_it_took_its_cance
             try:
                 await asyncio.Event().wait()
             except asyncio.CancelledError:
-                raise aiormq.exceptions.ChannelClosed(None, None) from None
+                if cancel_comes_out_as == "ChannelClosed":
+                    raise aiormq.exceptions.ChannelClosed(None, None) from None
+                raise
 
+    before = metrics.BROKER_RECONNECTS.labels("watchdog")._value.get()
     try:
         broker.link.on_reconnect = hang_the_first
         proxy.drop()
         await eventually(
             lambda: _true(broker.is_ready() and len(reconnects) >= 2), 30, "a fresh connection"
         )
+        assert metrics.BROKER_RECONNECTS.labels("watchdog")._value.get() > before
+        assert reconnects[0].connection.is_closed or not reconnects[0].is_open()
         await asyncio.sleep(3)  # far past the replaced supervisor's backoff (at most 0.5 s)
         assert len(reconnects) == 2
         assert broker.link.session is reconnects[1] and broker.is_ready()
