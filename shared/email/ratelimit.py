@@ -304,6 +304,7 @@ class SendRateLimiter:
         self._stopping = False
 
     async def start(self) -> None:
+        self._stopping = False
         await self._db.execute(
             "INSERT INTO email_rate_buckets (name) VALUES (%s) ON DUPLICATE KEY UPDATE name = name",
             (self._bucket,),
