@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.app_keys import BROKER, DB
 from gateway.auth import Role
-from gateway.console.scope import PAGE_SIZE, choice, names, owner, scope_of
+from gateway.console.scope import PAGE_SIZE, choice, name_of, names, owner, scope_of
 from gateway.console.session import HOME, Viewer, fields, page, refuse, render, see_other
 from shared.callbacks import records
 from shared.callbacks.delivery import FINISHED, STATUSES
@@ -66,7 +66,7 @@ async def delivery(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         "payload": json.loads(row["payload"]),
         "attempts": await records.list_attempts(db, event_id),
         "finished": row["status"] in FINISHED,
-        "key_name": (await names(request, viewer, [key_id])).get(key_id, "?"),
+        "key_name": await name_of(request, viewer, key_id),
         "done": request.query.get("done"),
     }
     return render(request, "callback.html", context, viewer=viewer)

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.app_keys import DB
 from gateway.auth import Role
-from gateway.console.scope import PAGE_SIZE, choice, names, owner, scope_of
+from gateway.console.scope import PAGE_SIZE, choice, name_of, names, owner, scope_of
 from gateway.console.session import HOME, Viewer, page, refuse, render
 from shared.callbacks import records as callback_records
 from shared.email import records, templates
@@ -85,6 +85,6 @@ async def email(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         "html": html,
         "text": text,
         "callbacks": await callback_records.of_subject(db, key_id, email_id),
-        "key_name": (await names(request, viewer, [key_id])).get(key_id, "?"),
+        "key_name": await name_of(request, viewer, key_id),
     }
     return render(request, "email.html", context, viewer=viewer)

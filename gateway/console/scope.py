@@ -46,6 +46,11 @@ async def names(request: web.Request, viewer: Viewer, ids: Iterable[int]) -> dic
     return await apikeys.key_names(request.app[DB], set(ids))
 
 
+async def name_of(request: web.Request, viewer: Viewer, key_id: int) -> str:
+    """One key's name, for an item's page ("?" if the key was deleted since)."""
+    return (await names(request, viewer, [key_id])).get(key_id, "?")
+
+
 def page_number(request: web.Request) -> int:
     """The `page` of a numbered list (keys, templates): 1 when missing or not a number."""
     try:

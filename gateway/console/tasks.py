@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.app_keys import BROKER, DB
 from gateway.auth import Role
-from gateway.console.scope import PAGE_SIZE, choice, names, owner, scope_of
+from gateway.console.scope import PAGE_SIZE, choice, name_of, names, owner, scope_of
 from gateway.console.session import HOME, Viewer, page, refuse, render, see_other
 from schemas.tasks import TaskStatus
 from shared.callbacks import records
@@ -77,7 +77,7 @@ async def task(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     context = {
         "task": found,
         "timeline": timeline,
-        "key_name": (await names(request, viewer, [key_id])).get(key_id, "?"),
+        "key_name": await name_of(request, viewer, key_id),
         "done": request.query.get("done"),
     }
     return render(request, "task.html", context, viewer=viewer)
